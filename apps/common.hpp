@@ -1,0 +1,38 @@
+// Shared plumbing for the undertone subcommands: global options, effective
+// configuration, logging. Each subcommand lives in its own cmd_*.cpp and
+// registers itself with add_*_command().
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "config/config.hpp"
+
+namespace undertone::apps {
+
+/// Options every subcommand understands.
+struct global_options {
+  std::string config_file;           ///< --config FILE
+  std::vector<std::string> overrides;  ///< --set section.key=value (repeatable)
+  std::string log_level;             ///< --log-level (shortcut for --set general.log_level=...)
+};
+
+/// Builds the effective configuration: defaults, then --config, then --set, then
+/// --log-level; validated. Throws config::config_error.
+config::undertone_config effective_config(const global_options& g);
+
+/// Configures spdlog's default logger from the config (level, stderr sink).
+void setup_logging(const config::undertone_config& cfg);
+
+/// Every subcommand: builds its CLI11 subcommand on `app` and sets its callback.
+void add_config_command(CLI::App& app, global_options& g);
+void add_models_command(CLI::App& app, global_options& g);
+void add_run_command(CLI::App& app, global_options& g);
+
+/// Exit code set by a subcommand callback (callbacks cannot return one).
+int& exit_code();
+
+}  // namespace undertone::apps
