@@ -31,6 +31,7 @@ void setup_logging(const config::undertone_config& cfg);
 void add_config_command(CLI::App& app, global_options& g);
 void add_models_command(CLI::App& app, global_options& g);
 void add_run_command(CLI::App& app, global_options& g);
+void add_data_command(CLI::App& app, global_options& g);
 
 /// Exit code set by a subcommand callback (callbacks cannot return one).
 int& exit_code();
