@@ -1,0 +1,606 @@
+#include "models/nn/whisper_encoder.hpp"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/generated/variable_factories.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "models/ct2_model.hpp"
+#include "models/safetensors.hpp"
+
+namespace undertone::models {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream o;
+  o << '[';
+  for (size_t i = 0; i < s.size(); ++i) o << (i ? ", " : "") << s[i];
+  o << ']';
+  return o.str();
+}
+
+// Pre-computes what softmax needs: half-precision scores are normalized in fp32.
+at::Tensor softmax_last(const at::Tensor& s) {
+  if (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble) return at::softmax(s, -1);
+  return at::softmax(s, -1, at::kFloat).to(s.scalar_type());
+}
+
+// Fuses q/k/v projections of a HF checkpoint: k has no bias in Whisper, so its
+// part of the fused bias is zero (and has no effect on attention anyway).
+void fuse_qkv(std::map<std::string, torch::Tensor>& w, const std::string& base,
+              const torch::Tensor& qw, const torch::Tensor& qb, const torch::Tensor& kw,
+              const torch::Tensor& vw, const torch::Tensor& vb) {
+  w[base + "qkv.weight"] = at::cat({qw, kw, vw}, 0);
+  w[base + "qkv.bias"] = at::cat({qb, at::zeros_like(qb), vb}, 0);
+}
+
+torch::Tensor from_floats(std::vector<float>&& v, const std::vector<int64_t>& shape) {
+  return torch::from_blob(v.data(), shape, torch::kFloat32).clone();
+}
+
+[[noreturn]] void hf_fail(const std::string& path, const std::string& what) {
+  throw std::invalid_argument("whisper_encoder: HF checkpoint " + path + ": " + what);
+}
+
+std::shared_ptr<torch::nn::Module> child(torch::nn::Module& parent, const std::string& name) {
+  return parent.register_module(name, std::make_shared<torch::nn::Module>());
+}
+
+}  // namespace
+
+std::string whisper_hparams::to_string() const {
+  std::ostringstream o;
+  o << "whisper encoder: n_mels=" << n_mels << " d_model=" << d_model << " n_heads=" << n_heads
+    << " n_layers=" << n_layers << " d_ffn=" << d_ffn << " n_positions=" << n_positions;
+  return o.str();
+}
+
+torch::Tensor whisper_sinusoids(int64_t length, int64_t channels) {
+  if (channels < 4 || channels % 2) throw std::invalid_argument("whisper_sinusoids: channels must be even and >= 4");
+  const int64_t half = channels / 2;
+  const double inc = std::log(10000.0) / double(half - 1);
+  auto inv = at::exp(at::arange(half, at::kDouble) * -inc);
+  auto t = at::arange(length, at::kDouble).unsqueeze(1) * inv.unsqueeze(0);
+  return at::cat({at::sin(t), at::cos(t)}, 1).to(at::kFloat);
+}
+
+// ---------------------------------------------------------------- state
+
+int64_t whisper_encoder_state::cached_frames() const {
+  int64_t n = 0;
+  for (const auto& b : blocks_) n += b.len;
+  return n;
+}
+
+int64_t whisper_encoder_state::cache_bytes() const {
+  int64_t n = 0;
+  for (const auto& t : k_) n += t.defined() ? int64_t(t.numel() * t.element_size()) : 0;
+  for (const auto& t : v_) n += t.defined() ? int64_t(t.numel() * t.element_size()) : 0;
+  return n;
+}
+
+// ---------------------------------------------------------------- construction
+
+whisper_encoder::whisper_encoder(const whisper_hparams& hp,
+                                 const std::map<std::string, torch::Tensor>& weights,
+                                 const whisper_encoder_options& opt)
+    : hp_(hp), opt_(opt) {
+  if (hp.n_mels <= 0 || hp.d_model <= 0 || hp.n_heads <= 0 || hp.n_layers <= 0 || hp.d_ffn <= 0 ||
+      hp.n_positions <= 0 || hp.d_model % hp.n_heads)
+    throw std::invalid_argument("whisper_encoder: invalid hyper-parameters (" + hp.to_string() + ")");
+  if (opt.chunk_ms < 40 || opt.chunk_ms % 20)
+    throw std::invalid_argument("whisper_encoder: chunk_ms must be a multiple of 20 and >= 40, got " +
+                                std::to_string(opt.chunk_ms));
+  if (opt.dtype != torch::kFloat32 && opt.dtype != torch::kBFloat16 && opt.dtype != torch::kFloat16 &&
+      opt.dtype != torch::kFloat64)
+    throw std::invalid_argument("whisper_encoder: dtype must be float32, bfloat16, float16 or float64");
+#if TORCH_VERSION_MAJOR < 2
+  if (opt.dtype == torch::kFloat16 && opt.device.is_cpu())  // LibTorch 1.x has no fp16 CPU conv/GEMM kernels
+    throw std::invalid_argument("whisper_encoder: float16 needs a CUDA device with this LibTorch; use bfloat16 on CPU");
+#endif
+  chunk_frames_ = opt.chunk_ms / 10;
+  const int64_t b = chunk_frames_ / 2;
+  context_blocks_ = opt.context_blocks >= 0 ? opt.context_blocks : std::max<int64_t>(0, (hp.n_positions - 1) / b - 1);
+  const auto to = torch::TensorOptions().dtype(opt.dtype).device(opt.device);
+  const int64_t d = hp.d_model;
+
+  auto get = [&](const std::string& name, std::vector<int64_t> shape) {
+    auto it = weights.find(name);
+    if (it == weights.end() || !it->second.defined())
+      throw std::invalid_argument("whisper_encoder: missing weight \"" + name + "\"");
+    if (it->second.sizes() != at::IntArrayRef(shape))
+      throw std::invalid_argument("whisper_encoder: weight \"" + name + "\" has shape " +
+                                  shape_str(it->second.sizes()) + ", expected " + shape_str(shape) +
+                                  " for " + hp.to_string());
+    return it->second.detach().to(to).contiguous();
+  };
+  auto param = [](torch::nn::Module& m, const std::string& name, torch::Tensor t) {
+    return m.register_parameter(name, std::move(t), /*requires_grad=*/false);
+  };
+
+  auto c1 = child(*this, "conv1");
+  conv1_w_ = param(*c1, "weight", get("conv1.weight", {d, hp.n_mels, 3}));
+  conv1_b_ = param(*c1, "bias", get("conv1.bias", {d}));
+  auto c2 = child(*this, "conv2");
+  conv2_w_ = param(*c2, "weight", get("conv2.weight", {d, d, 3}));
+  conv2_b_ = param(*c2, "bias", get("conv2.bias", {d}));
+  if (weights.count("embed_positions"))
+    positions_ = get("embed_positions", {hp.n_positions, d});
+  else
+    positions_ = whisper_sinusoids(hp.n_positions, d).to(to);
+  positions_ = register_buffer("embed_positions", positions_);
+
+  auto layers = child(*this, "layers");
+  for (int64_t i = 0; i < hp.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    auto l = child(*layers, std::to_string(i));
+    layer_weights w;
+    auto ln1 = child(*l, "self_attn_layer_norm");
+    w.ln1_w = param(*ln1, "weight", get(p + "self_attn_layer_norm.weight", {d}));
+    w.ln1_b = param(*ln1, "bias", get(p + "self_attn_layer_norm.bias", {d}));
+    auto sa = child(*l, "self_attn");
+    auto qkv = child(*sa, "qkv");
+    w.qkv_w = param(*qkv, "weight", get(p + "self_attn.qkv.weight", {3 * d, d}));
+    w.qkv_b = param(*qkv, "bias", get(p + "self_attn.qkv.bias", {3 * d}));
+    auto out = child(*sa, "out_proj");
+    w.out_w = param(*out, "weight", get(p + "self_attn.out_proj.weight", {d, d}));
+    w.out_b = param(*out, "bias", get(p + "self_attn.out_proj.bias", {d}));
+    auto ln2 = child(*l, "final_layer_norm");
+    w.ln2_w = param(*ln2, "weight", get(p + "final_layer_norm.weight", {d}));
+    w.ln2_b = param(*ln2, "bias", get(p + "final_layer_norm.bias", {d}));
+    auto fc1 = child(*l, "fc1");
+    w.fc1_w = param(*fc1, "weight", get(p + "fc1.weight", {hp.d_ffn, d}));
+    w.fc1_b = param(*fc1, "bias", get(p + "fc1.bias", {hp.d_ffn}));
+    auto fc2 = child(*l, "fc2");
+    w.fc2_w = param(*fc2, "weight", get(p + "fc2.weight", {d, hp.d_ffn}));
+    w.fc2_b = param(*fc2, "bias", get(p + "fc2.bias", {d}));
+    layers_.push_back(std::move(w));
+  }
+  auto ln = child(*this, "layer_norm");
+  ln_w_ = param(*ln, "weight", get("layer_norm.weight", {d}));
+  ln_b_ = param(*ln, "bias", get("layer_norm.bias", {d}));
+  set_trainable_layers(opt.trainable_layers);
+}
+
+void whisper_encoder::set_trainable_layers(int64_t n) {
+  for (auto& p : parameters()) p.set_requires_grad(false);
+  if (n == 0) return;
+  if (n < 0 || n >= hp_.n_layers) {
+    for (auto& p : parameters()) p.set_requires_grad(true);
+    return;
+  }
+  for (int64_t i = hp_.n_layers - n; i < hp_.n_layers; ++i) {
+    auto& w = layers_[size_t(i)];
+    for (auto* t : {&w.ln1_w, &w.ln1_b, &w.qkv_w, &w.qkv_b, &w.out_w, &w.out_b, &w.ln2_w, &w.ln2_b,
+                    &w.fc1_w, &w.fc1_b, &w.fc2_w, &w.fc2_b})
+      t->set_requires_grad(true);
+  }
+  ln_w_.set_requires_grad(true);
+  ln_b_.set_requires_grad(true);
+}
+
+// ---------------------------------------------------------------- loaders
+
+std::shared_ptr<whisper_encoder> whisper_encoder::from_ct2(const std::string& dir,
+                                                           const whisper_encoder_options& opt) {
+  ct2_model m(dir);
+  if (m.spec_name() != "WhisperSpec")
+    throw std::invalid_argument("whisper_encoder: " + dir + " is a CTranslate2 " + m.spec_name() +
+                                " model, not WhisperSpec");
+  auto tensor = [&](const std::string& name) {
+    const auto& v = m.at(name);
+    return from_floats(m.to_float(v), v.shape);
+  };
+  whisper_hparams hp;
+  hp.n_heads = m.scalar_int("encoder/num_heads");
+  hp.n_layers = 0;
+  while (m.find("encoder/layer_" + std::to_string(hp.n_layers) + "/self_attention/linear_0/weight"))
+    ++hp.n_layers;
+  if (hp.n_layers == 0) throw std::invalid_argument("whisper_encoder: " + dir + " has no encoder/layer_0");
+  std::map<std::string, torch::Tensor> w;
+  w["conv1.weight"] = tensor("encoder/conv1/weight");
+  w["conv1.bias"] = tensor("encoder/conv1/bias");
+  w["conv2.weight"] = tensor("encoder/conv2/weight");
+  w["conv2.bias"] = tensor("encoder/conv2/bias");
+  w["embed_positions"] = tensor("encoder/position_encodings/encodings");
+  w["layer_norm.weight"] = tensor("encoder/layer_norm/gamma");
+  w["layer_norm.bias"] = tensor("encoder/layer_norm/beta");
+  if (w["conv1.weight"].dim() != 3 || w["embed_positions"].dim() != 2)
+    throw std::invalid_argument("whisper_encoder: " + dir + ": unexpected conv1/position shapes");
+  hp.d_model = w["conv1.weight"].size(0);
+  hp.n_mels = w["conv1.weight"].size(1);
+  hp.n_positions = w["embed_positions"].size(0);
+  for (int64_t i = 0; i < hp.n_layers; ++i) {
+    const std::string c = "encoder/layer_" + std::to_string(i) + "/";
+    const std::string p = "layers." + std::to_string(i) + ".";
+    w[p + "self_attn_layer_norm.weight"] = tensor(c + "self_attention/layer_norm/gamma");
+    w[p + "self_attn_layer_norm.bias"] = tensor(c + "self_attention/layer_norm/beta");
+    w[p + "self_attn.qkv.weight"] = tensor(c + "self_attention/linear_0/weight");
+    w[p + "self_attn.qkv.bias"] = tensor(c + "self_attention/linear_0/bias");
+    w[p + "self_attn.out_proj.weight"] = tensor(c + "self_attention/linear_1/weight");
+    w[p + "self_attn.out_proj.bias"] = tensor(c + "self_attention/linear_1/bias");
+    w[p + "final_layer_norm.weight"] = tensor(c + "ffn/layer_norm/gamma");
+    w[p + "final_layer_norm.bias"] = tensor(c + "ffn/layer_norm/beta");
+    w[p + "fc1.weight"] = tensor(c + "ffn/linear_0/weight");
+    w[p + "fc1.bias"] = tensor(c + "ffn/linear_0/bias");
+    w[p + "fc2.weight"] = tensor(c + "ffn/linear_1/weight");
+    w[p + "fc2.bias"] = tensor(c + "ffn/linear_1/bias");
+  }
+  hp.d_ffn = w["layers.0.fc1.weight"].size(0);
+  return std::make_shared<whisper_encoder>(hp, w, opt);
+}
+
+std::shared_ptr<whisper_encoder> whisper_encoder::from_hf(const std::string& path,
+                                                          const whisper_encoder_options& opt) {
+  auto fail = [&](const std::string& what) { hf_fail(path, what); };
+  std::vector<std::string> files;
+  fs::path cfg_path;
+  if (fs::is_directory(path)) {
+    const fs::path dir(path);
+    cfg_path = dir / "config.json";
+    if (fs::exists(dir / "model.safetensors.index.json")) {
+      std::ifstream in(dir / "model.safetensors.index.json");
+      json idx;
+      try {
+        idx = json::parse(in);
+      } catch (const json::exception& e) {
+        fail(std::string("model.safetensors.index.json is not valid JSON: ") + e.what());
+      }
+      std::set<std::string> shards;
+      if (!idx.contains("weight_map") || !idx["weight_map"].is_object())
+        fail("model.safetensors.index.json lacks \"weight_map\"");
+      for (auto& [name, file] : idx["weight_map"].items())
+        if (name.find("encoder.") != std::string::npos) shards.insert(file.get<std::string>());
+      for (const auto& s : shards) files.push_back((dir / s).string());
+    } else if (fs::exists(dir / "model.safetensors")) {
+      files.push_back((dir / "model.safetensors").string());
+    } else {
+      fail("no model.safetensors or model.safetensors.index.json");
+    }
+  } else if (fs::is_regular_file(path)) {
+    files.push_back(path);
+    cfg_path = fs::path(path).parent_path() / "config.json";
+  } else {
+    fail("no such file or directory");
+  }
+  json cfg = json::object();
+  if (fs::exists(cfg_path)) {
+    std::ifstream in(cfg_path);
+    try {
+      cfg = json::parse(in);
+    } catch (const json::exception& e) {
+      fail(cfg_path.string() + " is not valid JSON: " + e.what());
+    }
+  }
+  if (cfg.contains("activation_function") && cfg["activation_function"] != "gelu")
+    fail("activation_function " + cfg["activation_function"].dump() + " is not supported (gelu only)");
+
+  std::vector<std::unique_ptr<safetensors_file>> opened;
+  std::map<std::string, std::pair<const safetensors_file*, const st_tensor_info*>> index;
+  for (const auto& f : files) {
+    opened.push_back(std::make_unique<safetensors_file>(f));
+    for (const auto& t : opened.back()->tensors()) index[t.name] = {opened.back().get(), &t};
+  }
+  std::string prefix;
+  if (index.count("model.encoder.conv1.weight"))
+    prefix = "model.encoder.";
+  else if (index.count("encoder.conv1.weight"))
+    prefix = "encoder.";
+  else if (index.count("conv1.weight"))
+    prefix = "";
+  else
+    fail("no Whisper encoder tensors (model.encoder.conv1.weight, encoder.conv1.weight or conv1.weight)");
+  auto has = [&](const std::string& n) { return index.count(prefix + n) > 0; };
+  auto tensor = [&](const std::string& n) {
+    auto it = index.find(prefix + n);
+    if (it == index.end()) hf_fail(path, "missing tensor " + prefix + n);
+    const auto& [file, info] = it->second;
+    std::vector<float> v(size_t(info->n_elements()));
+    file->to_float32(*info, v.data());
+    return from_floats(std::move(v), info->shape);
+  };
+
+  whisper_hparams hp;
+  std::map<std::string, torch::Tensor> w;
+  for (const char* n : {"conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "layer_norm.weight",
+                        "layer_norm.bias"})
+    w[n] = tensor(n);
+  if (w["conv1.weight"].dim() != 3) fail("conv1.weight is not 3-D");
+  hp.d_model = w["conv1.weight"].size(0);
+  hp.n_mels = w["conv1.weight"].size(1);
+  if (has("embed_positions.weight")) {
+    w["embed_positions"] = tensor("embed_positions.weight");
+    hp.n_positions = w["embed_positions"].size(0);
+  } else {
+    hp.n_positions = cfg.value("max_source_positions", int64_t(1500));
+  }
+  hp.n_layers = 0;
+  while (has("layers." + std::to_string(hp.n_layers) + ".fc1.weight")) ++hp.n_layers;
+  if (hp.n_layers == 0) fail("no encoder layers (" + prefix + "layers.0.fc1.weight)");
+  hp.n_heads = cfg.value("encoder_attention_heads", hp.d_model / 64);
+  auto check_cfg = [&](const char* key, int64_t have) {
+    if (cfg.contains(key) && cfg[key].is_number_integer() && cfg[key].get<int64_t>() != have)
+      fail(std::string("config.json ") + key + " = " + cfg[key].dump() + " but the tensors say " +
+           std::to_string(have));
+  };
+  check_cfg("d_model", hp.d_model);
+  check_cfg("num_mel_bins", hp.n_mels);
+  check_cfg("encoder_layers", hp.n_layers);
+  for (int64_t i = 0; i < hp.n_layers; ++i) {
+    const std::string p = "layers." + std::to_string(i) + ".";
+    const std::string a = p + "self_attn.";
+    fuse_qkv(w, a, tensor(a + "q_proj.weight"), tensor(a + "q_proj.bias"), tensor(a + "k_proj.weight"),
+             tensor(a + "v_proj.weight"), tensor(a + "v_proj.bias"));
+    for (const char* n : {"self_attn.out_proj.weight", "self_attn.out_proj.bias", "self_attn_layer_norm.weight",
+                          "self_attn_layer_norm.bias", "final_layer_norm.weight", "final_layer_norm.bias",
+                          "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
+      w[p + n] = tensor(p + n);
+  }
+  hp.d_ffn = w["layers.0.fc1.weight"].size(0);
+  check_cfg("encoder_ffn_dim", hp.d_ffn);
+  return std::make_shared<whisper_encoder>(hp, w, opt);
+}
+
+std::shared_ptr<whisper_encoder> whisper_encoder::load(const std::string& path,
+                                                       const whisper_encoder_options& opt) {
+  if (fs::is_directory(path) && fs::exists(fs::path(path) / "model.bin")) return from_ct2(path, opt);
+  return from_hf(path, opt);
+}
+
+// ---------------------------------------------------------------- offline
+
+void whisper_encoder::check_features(const torch::Tensor& f, const char* what) const {
+  if (!f.defined() || f.dim() != 3 || f.size(2) != hp_.n_mels)
+    throw std::invalid_argument(std::string("whisper_encoder::") + what + ": features must be [N, frames, " +
+                                std::to_string(hp_.n_mels) + "], got " +
+                                (f.defined() ? shape_str(f.sizes()) : std::string("undefined")));
+  if (!at::isFloatingType(f.scalar_type()))
+    throw std::invalid_argument(std::string("whisper_encoder::") + what + ": features must be floating point");
+}
+
+torch::Tensor whisper_encoder::stem_offline(const torch::Tensor& features) {
+  const auto to = torch::TensorOptions().dtype(opt_.dtype).device(opt_.device);
+  const int64_t n = features.size(0), t = features.size(1);
+  if (t == 0) return at::zeros({n, 0, hp_.d_model}, to);
+  auto x = features.to(to).transpose(1, 2);  // [N, mels, T]
+  auto h = at::gelu(at::conv1d(x, conv1_w_, conv1_b_, at::IntArrayRef{1}, at::IntArrayRef{1}));
+  auto y = at::gelu(at::conv1d(h, conv2_w_, conv2_b_, at::IntArrayRef{2}, at::IntArrayRef{1}));
+  return y.transpose(1, 2);  // [N, ceil(T/2), d]
+}
+
+torch::Tensor whisper_encoder::mlp(const layer_weights& w, const torch::Tensor& x) const {
+  auto h = at::layer_norm(x, {hp_.d_model}, w.ln2_w, w.ln2_b, hp_.ln_eps);
+  return at::linear(at::gelu(at::linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b);
+}
+
+torch::Tensor whisper_encoder::transformer_offline(torch::Tensor x, const torch::Tensor& allowed) {
+  const int64_t n = x.size(0), u = x.size(1), d = hp_.d_model, nh = hp_.n_heads, hd = d / nh;
+  const double scale = 1.0 / std::sqrt(double(hd));
+  for (const auto& w : layers_) {
+    auto h = at::layer_norm(x, {d}, w.ln1_w, w.ln1_b, hp_.ln_eps);
+    auto qkv = at::linear(h, w.qkv_w, w.qkv_b).view({n, u, 3, nh, hd}).permute({2, 0, 3, 1, 4});
+    auto q = qkv[0] * scale, k = qkv[1], v = qkv[2];  // [N, H, U, hd]
+    auto s = at::matmul(q, k.transpose(-2, -1));       // [N, H, U, U]
+    if (allowed.defined()) s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+    auto o = at::matmul(softmax_last(s), v).transpose(1, 2).reshape({n, u, d});
+    x = x + at::linear(o, w.out_w, w.out_b);
+    x = x + mlp(w, x);
+  }
+  return at::layer_norm(x, {d}, ln_w_, ln_b_, hp_.ln_eps);
+}
+
+torch::Tensor whisper_encoder::forward(const torch::Tensor& features) {
+  check_features(features, "forward");
+  auto x = stem_offline(features);
+  const int64_t u = x.size(1);
+  if (u > hp_.n_positions)
+    throw std::invalid_argument("whisper_encoder::forward: " + std::to_string(features.size(1)) +
+                                " mel frames give " + std::to_string(u) + " positions, more than the " +
+                                std::to_string(hp_.n_positions) +
+                                " of the position table (30 s); use forward_block_causal or streaming");
+  if (u == 0) return x;
+  x = x + positions_.narrow(0, 0, u).unsqueeze(0);
+  return transformer_offline(x, {});
+}
+
+torch::Tensor whisper_encoder::forward_block_causal(const torch::Tensor& features) {
+  check_features(features, "forward_block_causal");
+  auto x = stem_offline(features);
+  const int64_t u = x.size(1), t = features.size(1), f = chunk_frames_, b = f / 2;
+  if (u == 0) return x;
+  const int64_t last_block = (t + f - 1) / f - 1;
+  std::vector<int64_t> blk(static_cast<size_t>(u)), pos(static_cast<size_t>(u));
+  for (int64_t j = 0; j < u; ++j) {
+    blk[size_t(j)] = std::min((j + 1) / b, last_block);
+    pos[size_t(j)] = j % hp_.n_positions;
+  }
+  auto bt = torch::from_blob(blk.data(), {u}, at::kLong);
+  auto bi = bt.unsqueeze(1), bj = bt.unsqueeze(0);
+  auto allowed = (bj <= bi).logical_and(bj >= bi - context_blocks_).to(opt_.device);
+  auto pt = torch::from_blob(pos.data(), {u}, at::kLong).to(opt_.device);
+  x = x + positions_.index_select(0, pt).unsqueeze(0);
+  return transformer_offline(x, allowed);
+}
+
+// ---------------------------------------------------------------- streaming
+
+whisper_encoder_state whisper_encoder::init_state() const {
+  whisper_encoder_state s;
+  s.history_ = at::zeros({hp_.n_mels, 4}, torch::TensorOptions().dtype(opt_.dtype).device(opt_.device));
+  s.k_.resize(size_t(hp_.n_layers));
+  s.v_.resize(size_t(hp_.n_layers));
+  return s;
+}
+
+std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& features,
+                                                          const std::vector<whisper_encoder_state*>& states,
+                                                          bool last) {
+  check_features(features, "forward_chunk");
+  const int64_t n = features.size(0), t = features.size(1), f = chunk_frames_, b = f / 2;
+  const int64_t d = hp_.d_model, nh = hp_.n_heads, hd = d / nh, np = hp_.n_positions;
+  if (size_t(n) != states.size())
+    throw std::invalid_argument("whisper_encoder::forward_chunk: " + std::to_string(n) + " feature rows but " +
+                                std::to_string(states.size()) + " states");
+  if (!last && t != f)
+    throw std::invalid_argument("whisper_encoder::forward_chunk: a chunk must have chunk_frames() = " +
+                                std::to_string(f) + " frames, got " + std::to_string(t) +
+                                " (pass last = true for the final, shorter one)");
+  if (last && t > f)
+    throw std::invalid_argument("whisper_encoder::forward_chunk: the last chunk may have at most " +
+                                std::to_string(f) + " frames, got " + std::to_string(t));
+  std::set<const whisper_encoder_state*> seen;
+  for (auto* s : states) {
+    if (!s) throw std::invalid_argument("whisper_encoder::forward_chunk: null state");
+    if (!seen.insert(s).second) throw std::invalid_argument("whisper_encoder::forward_chunk: a state appears twice");
+    if (s->finished_)
+      throw std::invalid_argument("whisper_encoder::forward_chunk: state is finished (its last chunk was "
+                                  "encoded); use init_state() for a new stream");
+    if (int64_t(s->k_.size()) != hp_.n_layers || !s->history_.defined() || s->history_.size(0) != hp_.n_mels)
+      throw std::invalid_argument("whisper_encoder::forward_chunk: state was not made by this encoder's init_state()");
+  }
+  torch::NoGradGuard no_grad;
+  const auto to = torch::TensorOptions().dtype(opt_.dtype).device(opt_.device);
+
+  // ---- conv stem on [history (4) | new frames | 2 zero frames if last]
+  std::vector<torch::Tensor> hist;
+  for (auto* s : states) hist.push_back(s->history_);
+  std::vector<torch::Tensor> parts{at::stack(hist), features.to(to).transpose(1, 2)};
+  if (last) parts.push_back(at::zeros({n, hp_.n_mels, 2}, to));
+  auto win = at::cat(parts, 2);                                  // [N, mels, Lw]
+  auto h = at::gelu(at::conv1d(win, conv1_w_, conv1_b_, at::IntArrayRef{1}, at::IntArrayRef{0}));  // [N, d, Lw-2], column j = time m-3+j
+  const int64_t lh = h.size(2);
+  bool any_start = false;
+  for (auto* s : states) any_start |= s->mel_frames_ == 0;
+  if (any_start || last) {  // offline zero padding of conv2's input outside [0, T_total)
+    std::vector<float> m(size_t(n * lh), 1.f);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t m0 = states[size_t(i)]->mel_frames_;
+      for (int64_t j = 0; j < lh; ++j) {
+        const int64_t time = m0 - 3 + j;
+        if (time < 0 || (last && time >= m0 + t)) m[size_t(i * lh + j)] = 0.f;
+      }
+    }
+    h = h * torch::from_blob(m.data(), {n, 1, lh}, at::kFloat).to(to);
+  }
+  auto x = at::gelu(at::conv1d(h, conv2_w_, conv2_b_, at::IntArrayRef{2}, at::IntArrayRef{0})).transpose(1, 2);  // [N, Q, d]
+  const int64_t q_len = x.size(1);
+
+  // Frame of query row j of stream i: m_i/2 - 1 + j; row 0 of a first chunk is frame -1 (skipped).
+  std::vector<int64_t> start(static_cast<size_t>(n)), pos(static_cast<size_t>(n * q_len));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t u0 = states[size_t(i)]->mel_frames_ / 2 - 1;
+    start[size_t(i)] = u0 < 0 ? 1 : 0;
+    for (int64_t j = 0; j < q_len; ++j) pos[size_t(i * q_len + j)] = std::max<int64_t>(0, u0 + j) % np;
+  }
+  auto pos_idx = torch::from_blob(pos.data(), {n * q_len}, at::kLong).to(opt_.device);
+  x = x + positions_.index_select(0, pos_idx).view({n, q_len, d});
+
+  // ---- cache slots for the new block (ring buffer of whole blocks), decided before any write
+  const bool store = !last && context_blocks_ > 0;
+  const int64_t max_cap = context_blocks_ * b;
+  std::vector<int64_t> slot(size_t(n), 0);
+  std::vector<torch::Tensor> slot_valid(static_cast<size_t>(n));  // [E] bool where the ring has holes
+  for (int64_t i = 0; i < n; ++i) {
+    auto& s = *states[size_t(i)];
+    const int64_t cnt = q_len - start[size_t(i)];
+    if (s.extent_ > 0 && s.cached_frames() < s.extent_) {
+      std::vector<uint8_t> valid(size_t(s.extent_), 0);
+      for (const auto& blk : s.blocks_)
+        for (int64_t j = 0; j < blk.len; ++j) valid[size_t((blk.slot + j) % s.capacity_)] = 1;
+      slot_valid[size_t(i)] = torch::from_blob(valid.data(), {s.extent_}, at::kByte).to(opt_.device).to(at::kBool);
+    }
+    if (!store || cnt == 0) continue;
+    if (s.head_ + cnt > s.capacity_ && s.capacity_ < max_cap) {
+      const int64_t cap = std::min(max_cap, std::max({s.head_ + cnt, 2 * s.capacity_, 4 * b}));
+      for (size_t l = 0; l < s.k_.size(); ++l) {
+        auto nk = at::zeros({nh, cap, hd}, to), nv = at::zeros({nh, cap, hd}, to);
+        if (s.extent_ > 0) {
+          nk.narrow(1, 0, s.extent_).copy_(s.k_[l].narrow(1, 0, s.extent_));
+          nv.narrow(1, 0, s.extent_).copy_(s.v_[l].narrow(1, 0, s.extent_));
+        }
+        s.k_[l] = nk;
+        s.v_[l] = nv;
+      }
+      s.capacity_ = cap;
+    }
+    slot[size_t(i)] = s.head_ % s.capacity_;
+  }
+  auto write_ring = [](torch::Tensor& dst, const torch::Tensor& src, int64_t at_slot, int64_t cap) {
+    const int64_t cnt = src.size(1), first = std::min(cnt, cap - at_slot);
+    dst.narrow(1, at_slot, first).copy_(src.narrow(1, 0, first));
+    if (first < cnt) dst.narrow(1, 0, cnt - first).copy_(src.narrow(1, first, cnt - first));
+  };
+
+  // ---- transformer: batched projections and MLP, per-stream attention against its own cache
+  const double scale = 1.0 / std::sqrt(double(hd));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const auto& w = layers_[l];
+    auto hn = at::layer_norm(x, {d}, w.ln1_w, w.ln1_b, hp_.ln_eps);
+    auto qkv = at::linear(hn, w.qkv_w, w.qkv_b).view({n, q_len, 3, nh, hd}).permute({2, 0, 3, 1, 4});
+    auto q = qkv[0] * scale, k = qkv[1], v = qkv[2];  // [N, H, Q, hd]
+    auto o = at::zeros({n, nh, q_len, hd}, to);
+    for (int64_t i = 0; i < n; ++i) {
+      auto& s = *states[size_t(i)];
+      const int64_t s0 = start[size_t(i)], cnt = q_len - s0;
+      if (cnt == 0) continue;
+      auto qi = q[i].narrow(1, s0, cnt), ki = k[i].narrow(1, s0, cnt), vi = v[i].narrow(1, s0, cnt);
+      auto sc = at::matmul(qi, ki.transpose(-2, -1));  // [H, cnt, cnt]
+      const int64_t e = s.extent_;
+      torch::Tensor oi;
+      if (e > 0) {
+        auto pk = s.k_[l].narrow(1, 0, e), pv = s.v_[l].narrow(1, 0, e);
+        auto sp = at::matmul(qi, pk.transpose(-2, -1));  // [H, cnt, E]
+        if (slot_valid[size_t(i)].defined())
+          sp.masked_fill_(slot_valid[size_t(i)].logical_not(), -std::numeric_limits<double>::infinity());
+        auto p = softmax_last(at::cat({sp, sc}, -1));
+        oi = at::matmul(p.narrow(-1, 0, e), pv) + at::matmul(p.narrow(-1, e, cnt), vi);
+      } else {
+        oi = at::matmul(softmax_last(sc), vi);
+      }
+      o[i].narrow(1, s0, cnt).copy_(oi);
+      if (store) {  // after attention: the slots may be those of the block that leaves the window
+        write_ring(s.k_[l], ki, slot[size_t(i)], s.capacity_);
+        write_ring(s.v_[l], vi, slot[size_t(i)], s.capacity_);
+      }
+    }
+    x = x + at::linear(o.transpose(1, 2).reshape({n, q_len, d}), w.out_w, w.out_b);
+    x = x + mlp(w, x);
+  }
+  x = at::layer_norm(x, {d}, ln_w_, ln_b_, hp_.ln_eps);
+
+  // ---- outputs and state updates
+  std::vector<torch::Tensor> out;
+  out.reserve(size_t(n));
+  for (int64_t i = 0; i < n; ++i) {
+    auto& s = *states[size_t(i)];
+    const int64_t s0 = start[size_t(i)], cnt = q_len - s0;
+    out.push_back(x[i].narrow(0, s0, cnt));
+    if (store && cnt > 0) {
+      s.blocks_.push_back({slot[size_t(i)], cnt});
+      s.head_ = slot[size_t(i)] + cnt;  // taken modulo capacity at the next write
+      s.extent_ = std::max(s.extent_, std::min(s.capacity_, slot[size_t(i)] + cnt));
+      while (int64_t(s.blocks_.size()) > context_blocks_) s.blocks_.pop_front();
+    }
+    if (!last) s.history_ = win[i].narrow(1, win.size(2) - 4, 4).clone();
+    s.mel_frames_ += t;
+    s.frames_out_ += cnt;
+    s.chunks_ += 1;
+    s.finished_ = last;
+  }
+  return out;
+}
+
+}  // namespace undertone::models
