@@ -1,6 +1,7 @@
 // `undertone run`: the main job on the embedded default (one process, real
 // models). Today it loads and checks both pinned models and prints their
 // metadata; it grows into serve + a demo conversation as the engine lands.
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <vector>
@@ -8,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "apps/common.hpp"
+#include "models/chat_llm.hpp"
 #include "models/ct2_model.hpp"
 #include "models/gguf.hpp"
 #include "models/model_info.hpp"
@@ -46,7 +48,9 @@ int64_t load_ct2_weights(const std::string& dir) {
 
 void add_run_command(CLI::App& app, global_options& g) {
   auto* cmd = app.add_subcommand(
-      "run", "The main job on the embedded default: load the pinned LLM and speech encoder and report on them");
+      "run",
+      "The main job on the embedded default: load the pinned LLM and speech model, report on them, and have the "
+      "LLM answer a text turn");
   cmd->callback([&g] {
     auto cfg = effective_config(g);
     int threads = models::set_compute_threads(int(cfg.general.threads));
@@ -67,8 +71,27 @@ void add_run_command(CLI::App& app, global_options& g) {
       int64_t enc_params = load_ct2_weights(enc);
       spdlog::info("speech encoder weights read: {} values in {:.2f} s", enc_params, seconds_since(t0));
       std::cout << "== speech model ==\n" << enc_summary.to_string() << "\n";
-      std::cout << "Both pinned models load. The streaming dialogue engine is not built yet "
-                   "(see the open issues); nothing more to run.\n";
+
+      // The frozen LLM answers a text turn (the speech path joins once the
+      // engine lands): proves model, tokenizer, template and sampler end to end.
+      t0 = std::chrono::steady_clock::now();
+      models::chat_llm chat(llm_options_from(cfg));
+      spdlog::info("LLM ready in {:.2f} s: {}", seconds_since(t0), chat.describe());
+      const std::string question = "In one sentence, what does the tone of someone's voice tell you?";
+      std::cout << "== text turn ==\nuser: " << question << "\nassistant: " << std::flush;
+      auto req = request_from(cfg);
+      req.max_tokens = std::min<int64_t>(req.max_tokens, 64);
+      auto res = chat.generate(0, {models::prompt_part::from_text(chat.format_chat({{"user", question}}))}, req,
+                               [](const std::string& d) {
+                                 std::cout << d << std::flush;
+                                 return true;
+                               });
+      std::cout << std::endl;
+      spdlog::info("{} prompt tokens, {} answer tokens, first token after {:.0f} ms, {:.1f} tok/s ({})",
+                   res.prompt_tokens, res.tokens.size(), 1000 * res.first_token_s,
+                   res.tokens.size() > 1 ? double(res.tokens.size() - 1) / res.decode_s : 0.0, res.stop_reason);
+      std::cout << "\nThe streaming speech path (encoder -> speech tokens -> LLM) and the server are the open "
+                   "issues; see `issues list`.\n";
     } catch (const std::exception& e) {
       spdlog::error("{}", e.what());
       exit_code() = 1;

@@ -2,6 +2,11 @@
 
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "models/runtime.hpp"
 
 namespace undertone::apps {
 
@@ -19,6 +24,17 @@ void setup_logging(const config::undertone_config& cfg) {
   spdlog::set_default_logger(logger);
   spdlog::set_level(spdlog::level::from_str(cfg.general.log_level));
   spdlog::set_pattern("[%H:%M:%S.%e] [%^%l%$] %v");
+}
+
+void reexec_with_runtime_env(int argc, char** argv) {
+  (void)argc;
+  if (std::getenv("UNDERTONE_NO_REEXEC")) return;
+  auto env = models::recommended_runtime_env();
+  if (env.empty()) return;
+  for (const auto& [k, v] : env) ::setenv(k.c_str(), v.c_str(), 0);
+  ::setenv("UNDERTONE_NO_REEXEC", "1", 1);  // never loop
+  ::execv("/proc/self/exe", argv);
+  // execv failed: carry on with the slower settings rather than not at all.
 }
 
 int& exit_code() {

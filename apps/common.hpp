@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 
 #include "config/config.hpp"
+#include "models/chat_llm.hpp"
 
 namespace undertone::apps {
 
@@ -31,7 +32,18 @@ void setup_logging(const config::undertone_config& cfg);
 void add_config_command(CLI::App& app, global_options& g);
 void add_models_command(CLI::App& app, global_options& g);
 void add_run_command(CLI::App& app, global_options& g);
+void add_chat_command(CLI::App& app, global_options& g);
 void add_data_command(CLI::App& app, global_options& g);
+
+/// The LLM options and generation request that the config describes (model
+/// resolved in the cache).
+models::chat_llm_options llm_options_from(const config::undertone_config& cfg);
+models::generation_request request_from(const config::undertone_config& cfg);
+
+/// Re-executes the program once with models::recommended_runtime_env() set
+/// (OpenMP wait policy, OpenBLAS kernels), which only take effect at process
+/// start. No-op when nothing is missing or UNDERTONE_NO_REEXEC is set.
+void reexec_with_runtime_env(int argc, char** argv);
 
 /// Exit code set by a subcommand callback (callbacks cannot return one).
 int& exit_code();

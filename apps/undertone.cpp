@@ -13,6 +13,7 @@
 
 int main(int argc, char** argv) {
   using namespace undertone;
+  apps::reexec_with_runtime_env(argc, argv);
   CLI::App app{
       "undertone: a streaming spoken-dialogue engine in which a frozen LLM hears how you speak.\n"
       "Configuration: built-in defaults (see config/default.toml), then --config FILE, then --set key=value."};
@@ -31,6 +32,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
 
   apps::add_run_command(app, g);
+  apps::add_chat_command(app, g);
   apps::add_config_command(app, g);
   apps::add_models_command(app, g);
   apps::add_data_command(app, g);

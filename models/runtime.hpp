@@ -3,6 +3,8 @@
 #pragma once
 
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace undertone::models {
 
@@ -14,5 +16,19 @@ std::string torch_parallel_info();
 int set_compute_threads(int threads);
 /// True if a CUDA device is usable.
 bool cuda_available();
+
+/// OpenBLAS's kernel family ("SkylakeX", "Haswell", "Prescott" = generic
+/// fallback), or "" when the BLAS in use is not OpenBLAS.
+std::string openblas_core();
+
+/// Environment settings that make LibTorch fast here and are read only when
+/// the libraries load, so they must be in place before the process starts:
+///  - OMP_WAIT_POLICY=PASSIVE: spinning OpenMP workers stall (30x slower steps
+///    measured) as soon as another thread or process wants the same cores;
+///  - OPENBLAS_CORETYPE=SkylakeX (AVX-512) or Haswell (AVX2) when OpenBLAS did
+///    not recognise the CPU and fell back to its generic kernels (~10x slower
+///    fp32 matmul; Debian 12's OpenBLAS 0.3.21 on Sapphire Rapids).
+/// Returns only the variables that are not already set.
+std::vector<std::pair<std::string, std::string>> recommended_runtime_env();
 
 }  // namespace undertone::models

@@ -1,9 +1,12 @@
 #include "models/runtime.hpp"
 
+#include <dlfcn.h>
+
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 #include <torch/version.h>
 
+#include <cstdlib>
 #include <thread>
 
 namespace undertone::models {
@@ -19,5 +22,26 @@ int set_compute_threads(int threads) {
 }
 
 bool cuda_available() { return torch::cuda::is_available(); }
+
+std::string openblas_core() {
+  using fn = char* (*)();
+  auto f = reinterpret_cast<fn>(::dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  return f ? std::string(f()) : std::string();
+}
+
+std::vector<std::pair<std::string, std::string>> recommended_runtime_env() {
+  std::vector<std::pair<std::string, std::string>> env;
+  if (!std::getenv("OMP_WAIT_POLICY")) env.emplace_back("OMP_WAIT_POLICY", "PASSIVE");
+  if (!std::getenv("OPENBLAS_CORETYPE")) {
+    std::string core = openblas_core();
+    for (auto& c : core) c = char(std::tolower(static_cast<unsigned char>(c)));
+    if (core == "prescott" || core == "core2" || core == "nehalem") {
+      __builtin_cpu_init();
+      if (__builtin_cpu_supports("avx512f")) env.emplace_back("OPENBLAS_CORETYPE", "SkylakeX");
+      else if (__builtin_cpu_supports("avx2")) env.emplace_back("OPENBLAS_CORETYPE", "Haswell");
+    }
+  }
+  return env;
+}
 
 }  // namespace undertone::models

@@ -1,0 +1,103 @@
+// bench/llm: prefill and decode throughput of undertone's frozen LLM at several
+// batch sizes, the same workload as bench/llm_reference.py runs on llama.cpp.
+//
+// Workload per batch size B: prefill B prompts of P random tokens (one step per
+// prompt), then N decode steps, each ONE batched step of B rows (one per
+// sequence) with greedy argmax on the returned logits. Median of --repeats.
+// Output: one JSON object per line (engine, dtype, batch, prefill_tok_s,
+// decode_tok_s, decode_ms_per_step, peak_rss_mb).
+#include <sys/resource.h>
+
+#include <algorithm>
+#include <chrono>
+#include <iostream>
+#include <random>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "models/nn/llama.hpp"
+#include "models/runtime.hpp"
+
+using namespace undertone::models;
+using clk = std::chrono::steady_clock;
+
+namespace {
+double peak_rss_mb() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return double(ru.ru_maxrss) / 1024.0;
+}
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+std::string default_model() {
+  const char* h = std::getenv("UNDERTONE_HOME");
+  std::string home = h && *h ? h : std::string(std::getenv("HOME")) + "/.cache/undertone";
+  return home + "/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf";
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"undertone LLM throughput benchmark (see bench/run_llm.sh for the comparison with llama.cpp)"};
+  std::string model = default_model(), dtype = "fp32", device = "cpu";
+  std::vector<int> batches{1, 4, 16, 64};
+  int prompt_tokens = 64, decode_tokens = 32, threads = 2, repeats = 3;
+  app.add_option("--model", model, "GGUF file or HF directory")->capture_default_str();
+  app.add_option("--dtype", dtype, "fp32, bf16 or fp16")->capture_default_str();
+  app.add_option("--device", device, "cpu or cuda:N")->capture_default_str();
+  app.add_option("--batch", batches, "batch sizes")->capture_default_str();
+  app.add_option("--prompt-tokens", prompt_tokens)->capture_default_str();
+  app.add_option("--decode-tokens", decode_tokens)->capture_default_str();
+  app.add_option("--threads", threads, "compute threads")->capture_default_str();
+  app.add_option("--repeats", repeats)->capture_default_str();
+  CLI11_PARSE(app, argc, argv);
+
+  set_compute_threads(threads);
+  llama_options opt;
+  opt.device = torch::Device(device);
+  opt.dtype = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp16" ? torch::kFloat16 : torch::kFloat32;
+  auto t0 = clk::now();
+  auto m = llama_model::load(model, opt);
+  double load_s = std::chrono::duration<double>(clk::now() - t0).count();
+  std::cerr << "loaded " << model << " (" << dtype << ") in " << load_s << " s\n";
+
+  std::mt19937 rng(0);
+  std::uniform_int_distribution<int64_t> tok(100, m->n_vocab() - 100);
+  for (int B : batches) {
+    auto cache = m->make_cache(int64_t(B) * (prompt_tokens + decode_tokens + 8));
+    std::vector<double> prefill_s, decode_s;
+    for (int rep = 0; rep < repeats; ++rep) {
+      cache.clear();
+      std::vector<int64_t> last(static_cast<size_t>(B));
+      auto a = clk::now();
+      for (int s = 0; s < B; ++s) {
+        std::vector<int64_t> ids(static_cast<size_t>(prompt_tokens));
+        for (auto& x : ids) x = tok(rng);
+        llm_batch b;
+        b.add_tokens(ids, s, 0, true);
+        last[size_t(s)] = m->step(b, cache).argmax(-1).item<int64_t>();
+      }
+      auto c = clk::now();
+      for (int step = 0; step < decode_tokens; ++step) {
+        llm_batch b;
+        for (int s = 0; s < B; ++s) b.add_token(last[size_t(s)], s, prompt_tokens + step, true);
+        auto next = m->step(b, cache).argmax(-1).to(torch::kCPU);
+        for (int s = 0; s < B; ++s) last[size_t(s)] = next[s].item<int64_t>();
+      }
+      auto d = clk::now();
+      prefill_s.push_back(std::chrono::duration<double>(c - a).count());
+      decode_s.push_back(std::chrono::duration<double>(d - c).count());
+    }
+    double p = median(prefill_s), dd = median(decode_s);
+    nlohmann::json j{{"engine", "undertone"}, {"dtype", dtype}, {"batch", B}, {"threads", threads},
+                     {"prompt_tokens", prompt_tokens}, {"decode_tokens", decode_tokens},
+                     {"prefill_tok_s", std::round(10 * B * prompt_tokens / p) / 10},
+                     {"decode_tok_s", std::round(10 * B * decode_tokens / dd) / 10},
+                     {"decode_ms_per_step", std::round(100 * 1000 * dd / decode_tokens) / 100},
+                     {"peak_rss_mb", std::round(peak_rss_mb())}, {"load_s", std::round(100 * load_s) / 100}};
+    std::cout << j.dump() << std::endl;
+  }
+  return 0;
+}

@@ -1,0 +1,140 @@
+// Frozen llama-family decoder (Llama 2/3, SmolLM2, TinyLlama, Qwen2/2.5) on
+// LibTorch: RMSNorm, RoPE (theta; linear and llama3 scaling), grouped-query
+// attention, SwiGLU, optional q/k/v biases, tied or untied output.
+//
+// The model object holds only immutable, shared weights (no parameter requires
+// grad); per-sequence state lives in a kv_cache. Two entry points:
+//  - step(): one batched, KV-cached step over rows of many sequences (prefill
+//    and decode mixed), each row a token id or an embedding vector (serving);
+//  - forward_embeddings(): a padded batch of input embeddings without cache,
+//    differentiable w.r.t. the inputs (training a speech encoder through it).
+#pragma once
+
+#include <torch/types.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "models/nn/kv_cache.hpp"
+#include "models/nn/llm_checkpoint.hpp"
+
+namespace undertone::models {
+
+
+/// Rows of one batched step (llama.cpp's llama_batch): each row is a token id
+/// or an embedding vector, with its sequence id and position, and a flag
+/// whether the step should return its logits.
+struct llm_batch {
+  std::vector<int64_t> token;      ///< token id per row; -1 for an embedding row
+  std::vector<torch::Tensor> embd; ///< per row: [d_model] for embedding rows, undefined for token rows
+  std::vector<int32_t> seq;        ///< sequence id per row (>= 0)
+  std::vector<int64_t> pos;        ///< position per row (>= 0), tokens
+  std::vector<uint8_t> logits;     ///< 1 if the row's logits are wanted
+
+  size_t size() const { return token.size(); }
+  bool empty() const { return token.empty(); }
+  void clear();
+  /// Adds one token row.
+  void add_token(int64_t id, int32_t seq, int64_t pos, bool want_logits);
+  /// Adds one embedding row; `e` is [d_model], any float dtype / device.
+  void add_embedding(const torch::Tensor& e, int32_t seq, int64_t pos, bool want_logits);
+  /// Adds ids[i] at positions pos0 + i; logits for the last row if `logits_last`.
+  void add_tokens(const std::vector<int64_t>& ids, int32_t seq, int64_t pos0, bool logits_last);
+  /// Adds the rows of `e` [n, d_model] at positions pos0 + i.
+  void add_embeddings(const torch::Tensor& e, int32_t seq, int64_t pos0, bool logits_last);
+  /// Number of rows that want logits.
+  int64_t n_wanted() const;
+};
+
+/// Where and in what precision the model runs.
+struct llama_options {
+  torch::Device device = torch::kCPU;    ///< cpu or cuda:N
+  torch::Dtype dtype = torch::kFloat32;  ///< weights, activations and KV cache: fp32, bf16 or fp16
+};
+
+class llama_model {
+ public:
+  /// Copies the checkpoint's weights to opt.device / opt.dtype (fusing q/k/v and
+  /// gate/up projections). Throws std::runtime_error naming a missing or
+  /// misshapen tensor.
+  llama_model(const llm_checkpoint& ck, const llama_options& opt = {});
+  /// Loads a checkpoint (GGUF file or HF directory) and builds the model.
+  static std::shared_ptr<llama_model> load(const std::string& path, const llama_options& opt = {});
+
+  llama_model(const llama_model&) = delete;
+  llama_model& operator=(const llama_model&) = delete;
+
+  const llama_hparams& hparams() const { return hp_; }
+  torch::Device device() const { return opt_.device; }
+  torch::Dtype dtype() const { return opt_.dtype; }
+  int64_t n_vocab() const { return hp_.n_vocab; }
+  int64_t d_model() const { return hp_.d_model; }
+
+  /// A KV cache of `n_cells` cells (tokens over all sequences) for this model,
+  /// on its device and in its dtype.
+  kv_cache make_cache(int64_t n_cells) const;
+
+  /// One batched step: writes the keys/values of every row into free cells of
+  /// `cache` (tagged with the row's seq/pos) and returns float32 logits
+  /// [n_wanted, n_vocab] (on the model's device) for the rows with logits set,
+  /// in row order. Row r attends to the cells of its own sequence with position
+  /// <= pos[r], including rows of the same step. Runs without autograd.
+  /// Throws std::invalid_argument for bad rows (token out of range, embedding
+  /// of the wrong size, a (seq, pos) already in the cache, duplicate (seq, pos)
+  /// in the batch) and std::runtime_error when the cache is full; the cache is
+  /// unchanged when it throws.
+  torch::Tensor step(const llm_batch& batch, kv_cache& cache) const;
+
+  /// Input embeddings of token ids: [...] int64 -> [..., d_model] float32 on the
+  /// model's device (what a token row feeds the first layer).
+  torch::Tensor embed_tokens(const torch::Tensor& ids) const;
+
+  /// Training entry point, no cache: `embeds` [B, T, d_model] (float32 or the
+  /// model dtype, on the model's device), `attention_mask` [B, T] (1 = real
+  /// token, 0 = padding; undefined = all real), optional `positions` [B, T]
+  /// int64 (default: cumsum(mask) - 1, so left and right padding both work).
+  /// Causal attention over real tokens. Returns float32 logits [B, T, n_vocab]
+  /// (or the final-norm hidden states [B, T, d_model] if `hidden_only`).
+  /// Differentiable w.r.t. `embeds`; outputs at padded positions are finite
+  /// but meaningless.
+  torch::Tensor forward_embeddings(const torch::Tensor& embeds, const torch::Tensor& attention_mask = {},
+                                   const torch::Tensor& positions = {}, bool hidden_only = false) const;
+  /// Logits (float32) from final-norm hidden states [..., d_model].
+  torch::Tensor lm_head(const torch::Tensor& hidden) const;
+
+  /// Every weight tensor with a descriptive name (fused ones: "blk.{i}.attn_qkv.weight",
+  /// "blk.{i}.ffn_gate_up.weight"); none requires grad.
+  std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
+
+ private:
+  struct layer {
+    torch::Tensor attn_norm;  ///< [d_model]
+    torch::Tensor wqkv;       ///< [(n_head + 2 n_head_kv) * head_dim, d_model]
+    torch::Tensor bqkv;       ///< [(n_head + 2 n_head_kv) * head_dim] or undefined
+    torch::Tensor wo;         ///< [d_model, n_head * head_dim]
+    torch::Tensor ffn_norm;   ///< [d_model]
+    torch::Tensor w_gate_up;  ///< [2 d_ff, d_model]
+    torch::Tensor w_down;     ///< [d_model, d_ff]
+  };
+  /// RMSNorm in float32 statistics; x float32 [..., d_model] -> model dtype.
+  torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w) const;
+  /// cos/sin [N, head_dim/2] (float32) for positions [N] (int64, model device).
+  std::pair<torch::Tensor, torch::Tensor> rope_tables(const torch::Tensor& pos) const;
+  /// Rotates x [..., N, heads, head_dim] with tables [N, head_dim/2] (rotate-half).
+  static torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+  /// x float32 [..., d_model] += SwiGLU(norm(x)).
+  torch::Tensor ffn(const layer& L, const torch::Tensor& x) const;
+
+  llama_hparams hp_;
+  llama_options opt_;
+  torch::Tensor tok_embd_;   ///< [n_vocab, d_model]
+  torch::Tensor out_norm_;   ///< [d_model]
+  torch::Tensor output_;     ///< [n_vocab, d_model] (== tok_embd_ when tied)
+  torch::Tensor inv_freq_;   ///< [head_dim/2] float32, RoPE frequencies after scaling
+  std::vector<layer> layers_;
+};
+
+}  // namespace undertone::models
