@@ -19,12 +19,19 @@ while [ $# -gt 0 ]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+# Same runtime settings as the undertone binary applies (models/runtime.hpp), for both engines.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+if [ -z "${OPENBLAS_CORETYPE:-}" ]; then
+  if grep -qw avx512f /proc/cpuinfo; then export OPENBLAS_CORETYPE=SkylakeX
+  elif grep -qw avx2 /proc/cpuinfo; then export OPENBLAS_CORETYPE=Haswell; fi
+fi
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 out=$(mktemp)
 common=(--prompt-tokens "$prompt" --decode-tokens "$decode" --threads "$threads" --repeats "$repeats")
 python3 "$root/bench/llm_reference.py" --batch $batches "${common[@]}" >> "$out"
 for dt in fp32 bf16; do
   # One process per dtype so that peak RSS is per configuration.
-  "$build/bench/bench_llm" --dtype "$dt" --batch $batches "${common[@]}" >> "$out"
+  "$build/bin/bench_llm" --dtype "$dt" --batch $batches "${common[@]}" >> "$out"
 done
 python3 - "$out" <<'PY'
 import json, sys, platform, datetime, subprocess
