@@ -33,6 +33,7 @@ void add_config_command(CLI::App& app, global_options& g);
 void add_models_command(CLI::App& app, global_options& g);
 void add_run_command(CLI::App& app, global_options& g);
 void add_chat_command(CLI::App& app, global_options& g);
+void add_encode_command(CLI::App& app, global_options& g);
 void add_train_command(CLI::App& app, global_options& g);
 void add_data_command(CLI::App& app, global_options& g);
 

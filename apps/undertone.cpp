@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
 
   apps::add_run_command(app, g);
   apps::add_chat_command(app, g);
+  apps::add_encode_command(app, g);
   apps::add_train_command(app, g);
   apps::add_config_command(app, g);
   apps::add_models_command(app, g);
