@@ -11,6 +11,7 @@
 #include "apps/common.hpp"
 #include "models/audio.hpp"
 #include "models/manifest.hpp"
+#include "models/train_metrics.hpp"
 #include "models/speech_synth.hpp"
 
 namespace undertone::apps {
@@ -40,56 +41,18 @@ struct data_flags {
   size_t max_per_class = 200;
 };
 
-std::string hms(double s) {
-  if (!(s >= 0) || s > 1e7) return "--";
-  long t = long(s + 0.5);
-  char buf[32];
-  if (t >= 3600)
-    std::snprintf(buf, sizeof buf, "%ldh%02ldm%02lds", t / 3600, (t / 60) % 60, t % 60);
-  else if (t >= 60)
-    std::snprintf(buf, sizeof buf, "%ldm%02lds", t / 60, t % 60);
-  else
-    std::snprintf(buf, sizeof buf, "%lds", t);
-  return buf;
-}
-
-/// Terminal progress bar (count, rate, ETA) on a TTY; plain lines every ~10 s or
-/// 10 % otherwise (logs, CI).
+/// Progress of a long job: models::progress_bar (bar on a TTY, a plain line
+/// every 10 s otherwise) driven by (done, total) callbacks.
 class progress_printer {
  public:
-  explicit progress_printer(const char* what) : what_(what), tty_(::isatty(STDOUT_FILENO) == 1) {}
+  explicit progress_printer(const char* what) : bar_(what, -1, 10.0) {}
   void operator()(size_t done, size_t total) {
-    double el = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0_).count();
-    double rate = el > 0 ? done / el : 0;
-    double eta = rate > 0 ? (total - done) / rate : -1;
-    if (tty_) {
-      if (el - last_ < 0.1 && done != total) return;
-      last_ = el;
-      const int width = 30;
-      int fill = total ? int(width * done / total) : width;
-      std::string bar(size_t(fill), '#');
-      bar.resize(width, '.');
-      std::printf("\r%s [%s] %zu/%zu %5.1f%%  %.2f/s  ETA %s   ", what_, bar.c_str(), done, total,
-                  total ? 100.0 * done / total : 100.0, rate, hms(eta).c_str());
-      if (done == total) std::printf("\n");
-      std::fflush(stdout);
-    } else {
-      size_t decile = total ? 10 * done / total : 10;
-      if (done != total && el - last_ < 10 && decile == last_decile_) return;
-      last_ = el;
-      last_decile_ = decile;
-      std::printf("%s %zu/%zu (%.1f%%) %.2f/s elapsed %s ETA %s\n", what_, done, total,
-                  total ? 100.0 * done / total : 100.0, rate, hms(el).c_str(), hms(eta).c_str());
-      std::fflush(stdout);
-    }
+    bar_.update(int64_t(done), int64_t(total), 0, "");
+    if (done == total) bar_.finish();
   }
 
  private:
-  const char* what_;
-  bool tty_;
-  std::chrono::steady_clock::time_point t0_ = std::chrono::steady_clock::now();
-  double last_ = -1e9;
-  size_t last_decile_ = size_t(-1);
+  models::progress_bar bar_;
 };
 
 void print_summary(const std::vector<models::utterance>& rows, std::ostream& os) {
@@ -230,7 +193,7 @@ void add_data_command(CLI::App& app, global_options& /*g*/) {
       auto rep = models::synthesize(o, [&pp](size_t d, size_t t) { pp(d, t); });
       for (const auto& s : rep.skipped_voices) std::cerr << "warning: skipped voice " << s << "\n";
       std::printf("wrote %s: %zu utterances, %.1f min of audio in %s (%.2f utterances/s, %d workers)\n",
-                  rep.manifest_path.c_str(), rep.rows.size(), rep.audio_seconds / 60, hms(rep.wall_seconds).c_str(),
+                  rep.manifest_path.c_str(), rep.rows.size(), rep.audio_seconds / 60, models::format_duration(rep.wall_seconds).c_str(),
                   rep.rows.size() / std::max(rep.wall_seconds, 1e-9), o.workers);
       print_summary(rep.rows, std::cout);
     });
