@@ -7,7 +7,10 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <stdexcept>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 namespace undertone::testing {
 
@@ -25,6 +28,15 @@ inline std::string llm_gguf_path() {
 inline std::string whisper_ct2_dir() { return model_home() + "/models/whisper-tiny.en"; }
 
 inline std::string source_dir() { return UT_SOURCE_DIR; }
+
+/// Parses tests/golden/<name> (a golden file written by a tests/golden/make_*.py
+/// script); throws with the script to run if it is missing or malformed.
+inline nlohmann::json read_golden_json(const std::string& name) {
+  std::string path = source_dir() + "/tests/golden/" + name;
+  std::ifstream in(path);
+  if (!in) throw std::runtime_error("missing golden file " + path + " (see tests/golden/make_*.py)");
+  return nlohmann::json::parse(in);
+}
 
 /// A fresh directory under $TMPDIR, removed with everything in it on scope exit.
 struct temp_dir {

@@ -29,9 +29,7 @@ models::chat_llm& llm() {
 }
 const nlohmann::json& golden_chat() {
   static nlohmann::json g = [] {
-    std::ifstream in(testing::source_dir() + "/tests/golden/llm_golden.json");
-    nlohmann::json j;
-    in >> j;
+    nlohmann::json j = testing::read_golden_json("llm_golden.json");
     for (auto& p : j["f32"])
       if (p["text"].get<std::string>().rfind("<|im_start|>system", 0) == 0) return p;
     throw std::runtime_error("no chatml prompt in llm_golden.json");

@@ -18,11 +18,7 @@ namespace ut = undertone::testing;
 namespace {
 
 const json& golden() {
-  static const json j = [] {
-    std::ifstream in(ut::source_dir() + "/tests/golden/chat_golden.json");
-    BOOST_REQUIRE_MESSAGE(in, "missing tests/golden/chat_golden.json");
-    return json::parse(in);
-  }();
+  static const json j = ut::read_golden_json("chat_golden.json");
   return j;
 }
 

@@ -19,12 +19,7 @@ using models::gguf_file;
 
 namespace {
 const nlohmann::json& golden() {
-  static nlohmann::json j = [] {
-    std::ifstream in(testing::source_dir() + "/tests/golden/gguf_golden.json");
-    nlohmann::json g;
-    in >> g;
-    return g;
-  }();
+  static nlohmann::json j = testing::read_golden_json("gguf_golden.json");
   return j;
 }
 std::vector<uint8_t> from_hex(const std::string& h) {

@@ -22,11 +22,7 @@ namespace ut = undertone::testing;
 namespace {
 
 const json& golden() {
-  static const json j = [] {
-    std::ifstream in(ut::source_dir() + "/tests/golden/tokenizer_golden.json");
-    BOOST_REQUIRE_MESSAGE(in, "missing tests/golden/tokenizer_golden.json");
-    return json::parse(in);
-  }();
+  static const json j = ut::read_golden_json("tokenizer_golden.json");
   return j;
 }
 
