@@ -29,6 +29,15 @@ inline std::string whisper_ct2_dir() { return model_home() + "/models/whisper-ti
 
 inline std::string source_dir() { return UT_SOURCE_DIR; }
 
+/// The RAVDESS training clips: $UT_RAVDESS_DIR, else the shared/ folder beside
+/// the checkout (where CI puts it), else /work/shared.
+inline std::string ravdess_dir() {
+  if (const char* e = std::getenv("UT_RAVDESS_DIR"); e && *e) return e;
+  std::string beside = source_dir() + "/../shared/data/ravdess-train";
+  if (std::filesystem::is_directory(beside)) return beside;
+  return "/work/shared/data/ravdess-train";
+}
+
 /// Parses tests/golden/<name> (a golden file written by a tests/golden/make_*.py
 /// script); throws with the script to run if it is missing or malformed.
 inline nlohmann::json read_golden_json(const std::string& name) {

@@ -22,7 +22,7 @@ using undertone::testing::temp_dir;
 
 namespace {
 
-const char* k_ravdess = "/work/shared/data/ravdess-train";
+const std::string k_ravdess = undertone::testing::ravdess_dir();
 
 /// Everything expensive, loaded once for all test cases.
 struct world {

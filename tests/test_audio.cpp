@@ -20,8 +20,7 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string ravdess_clip() {
-  const char* e = std::getenv("UT_RAVDESS_DIR");
-  return std::string(e && *e ? e : "/work/shared/data/ravdess-train") + "/03-01-05-02-01-01-01.flac";
+  return undertone::testing::ravdess_dir() + "/03-01-05-02-01-01-01.flac";
 }
 bool have_clip() { return fs::exists(ravdess_clip()); }
 bool have_sox() { return std::system("sox --version > /dev/null 2>&1") == 0; }

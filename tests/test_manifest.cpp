@@ -19,10 +19,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string ravdess_dir() {
-  const char* e = std::getenv("UT_RAVDESS_DIR");
-  return e && *e ? e : "/work/shared/data/ravdess-train";
-}
+std::string ravdess_dir() { return undertone::testing::ravdess_dir(); }
 boost::test_tools::assertion_result have_ravdess(boost::unit_test::test_unit_id) {
   boost::test_tools::assertion_result r(fs::exists(ravdess_dir() + "/03-01-01-01-01-01-01.flac"));
   r.message() << "needs the RAVDESS folder " << ravdess_dir() << " (set UT_RAVDESS_DIR)";

@@ -37,10 +37,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-std::string ravdess_dir() {
-  const char* e = std::getenv("UT_RAVDESS_DIR");
-  return e && *e ? e : "/work/shared/data/ravdess-train";
-}
+std::string ravdess_dir() { return undertone::testing::ravdess_dir(); }
 bool have_ravdess() { return fs::is_directory(ravdess_dir()); }
 bool have_sox() { return std::system("sox --version > /dev/null 2>&1") == 0; }
 boost::test_tools::assertion_result ravdess_ok(boost::unit_test::test_unit_id) {

@@ -49,10 +49,7 @@ using namespace undertone::models;
 
 namespace {
 
-std::string ravdess_dir() {
-  const char* e = std::getenv("UT_RAVDESS_DIR");
-  return e && *e ? e : "/work/shared/data/ravdess-train";
-}
+std::string ravdess_dir() { return undertone::testing::ravdess_dir(); }
 std::string clip(const std::string& name) { return ravdess_dir() + "/" + name + ".flac"; }
 const std::vector<std::string> k_clips = {"03-01-05-02-01-01-01", "03-01-01-01-01-01-01", "03-01-03-02-02-01-04",
                                           "03-01-04-01-01-02-07", "03-01-06-02-02-02-12", "03-01-08-01-02-01-16"};
