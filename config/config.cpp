@@ -78,6 +78,8 @@ const std::vector<field>& fields() {
     integer("llm", "kv_cells", UT_FIELD(llm, kv_cells), 64, 1 << 24);
     integer("llm", "max_batch_rows", UT_FIELD(llm, max_batch_rows), 1, 65536);
     choice("llm", "chat_template", UT_FIELD(llm, chat_template), {"auto", "chatml", "llama-3"});
+    text("llm", "system_prompt", UT_FIELD(llm, system_prompt));
+    integer("llm", "max_slots", UT_FIELD(llm, max_slots), 1, 4096);
 
     real("sampling", "temperature", UT_FIELD(sampling, temperature), 0.0, 5.0);
     integer("sampling", "top_k", UT_FIELD(sampling, top_k), 0, 1000000);
@@ -103,6 +105,8 @@ const std::vector<field>& fields() {
     integer("vad", "min_speech_ms", UT_FIELD(vad, min_speech_ms), 10, 5000);
     integer("vad", "end_silence_ms", UT_FIELD(vad, end_silence_ms), 50, 10000);
     integer("vad", "max_turn_seconds", UT_FIELD(vad, max_turn_seconds), 1, 600);
+    real("vad", "snr_db", UT_FIELD(vad, snr_db), 0.0, 60.0);
+    boolean("vad", "enabled", UT_FIELD(vad, enabled));
 
     text("server", "bind", UT_FIELD(server, bind), check_endpoint);
     text("server", "worker_bind", UT_FIELD(server, worker_bind), check_endpoint);
@@ -110,6 +114,7 @@ const std::vector<field>& fields() {
     integer("server", "max_frame_bytes", UT_FIELD(server, max_frame_bytes), 1024, 64 << 20);
     integer("server", "max_frames_per_second", UT_FIELD(server, max_frames_per_second), 1, 100000);
     integer("server", "remote_workers", UT_FIELD(server, remote_workers), 0, 1024);
+    integer("server", "idle_timeout_s", UT_FIELD(server, idle_timeout_s), 1, 86400);
 
     boolean("store", "enabled", UT_FIELD(store, enabled));
     text("store", "dir", UT_FIELD(store, dir));

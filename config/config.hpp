@@ -34,6 +34,8 @@ struct llm_config {
   int64_t kv_cells = 32768;                     ///< KV cache capacity, tokens over all sequences
   int64_t max_batch_rows = 512;                 ///< rows per batched step (prefill chunking)
   std::string chat_template = "auto";           ///< auto | chatml | llama-3
+  std::string system_prompt;                    ///< "" = the model's default system prompt
+  int64_t max_slots = 64;                       ///< conversations one worker serves at once
 };
 
 struct sampling_config {
@@ -63,6 +65,8 @@ struct vad_config {
   int64_t min_speech_ms = 100;   ///< voiced time before a turn starts
   int64_t end_silence_ms = 600;  ///< trailing silence that ends a turn
   int64_t max_turn_seconds = 30; ///< a turn is cut here
+  double snr_db = 12.0;          ///< voiced frames must also be this far above the noise floor
+  bool enabled = true;           ///< false = only the client's end_turn ends a turn
 };
 
 struct server_config {
@@ -72,6 +76,7 @@ struct server_config {
   int64_t max_frame_bytes = 1048576;  ///< larger frames are refused
   int64_t max_frames_per_second = 200; ///< per client
   int64_t remote_workers = 0;          ///< 0 = decode in-process
+  int64_t idle_timeout_s = 300;        ///< a silent client's session is closed after this
 };
 
 struct store_config {

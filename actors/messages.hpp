@@ -1,0 +1,241 @@
+// Every message that crosses an actor boundary in the engine, in one header
+// (CAF convention: one place for all message types). Plain structs with
+// `inspect` overloads so CAF can copy, print and (for the remote worker)
+// serialize them; register them all with register_message_types().
+//
+// Flow (docs/engine.md):
+//   gateway --client_*--> session --encode_*--> encoder --speech_rows--> session
+//   session --llm_*--> llm worker --llm_delta/llm_done/llm_failed--> session
+//   session --to_client_*--> gateway (-> client)      session --turn_record--> logger
+//   session --session_event--> subscribers (custom actors)
+//
+// Torch-free and ZeroMQ-free: transport/ includes this header to translate
+// frames into these messages and back.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <caf/all.hpp>
+
+namespace undertone::actors {
+
+using session_id = uint64_t;
+
+// ---------------------------------------------------------------- errors ----
+/// Error codes shared by the engine and the wire protocol (docs/protocol.md).
+enum class error_code : uint16_t {
+  none = 0,
+  bad_frame = 1,          ///< undecodable header, wrong types, missing fields
+  unsupported_version = 2,
+  unknown_type = 3,
+  frame_too_large = 4,
+  out_of_order = 5,       ///< audio sequence number gap or repeat
+  rate_limited = 6,
+  server_full = 7,        ///< max sessions reached
+  no_session = 8,         ///< message before hello, or after bye
+  bad_config = 9,         ///< a session setting is out of range
+  turn_too_long = 10,     ///< max turn seconds reached; the turn was ended
+  context_full = 11,      ///< conversation no longer fits; see the context policy
+  busy = 12,              ///< e.g. a text turn while an answer is running (cancel first)
+  worker_lost = 13,       ///< the LLM worker died; the answer is lost
+  internal = 100,
+};
+const char* to_string(error_code c);
+
+// ------------------------------------------------------ session settings ----
+/// Voice activity and endpointing rules (sherpa-onnx style: rules as data).
+struct vad_settings {
+  bool enabled = true;                ///< false: only the client's end_turn ends a turn
+  double threshold_db = -40.0;        ///< frame energy (dBFS) above this counts as speech ...
+  double snr_db = 12.0;               ///< ... and this far above the tracked noise floor
+  int32_t frame_ms = 20;
+  int32_t min_speech_ms = 100;        ///< voiced run that starts a turn (speech_start event)
+  int32_t trailing_silence_ms = 600;  ///< silence after speech that ends the turn
+  int32_t max_turn_ms = 30000;        ///< hard cap: the turn is ended (turn_too_long warning)
+};
+
+struct sampling_settings {
+  double temperature = 0.0;
+  int64_t top_k = 40;
+  double top_p = 0.95;
+  double repetition_penalty = 1.0;
+  uint64_t seed = 42;
+  int64_t max_tokens = 128;
+};
+
+/// Per-session configuration (client `config` frame; defaults from [session]).
+struct session_settings {
+  std::string system_prompt;          ///< "" = the model's default
+  sampling_settings sampling;
+  vad_settings vad;
+  bool log = true;                    ///< false: nothing of this session is stored (privacy opt-out)
+};
+
+// ------------------------------------------------ gateway -> engine/session ----
+/// A client said hello; the engine spawns a session and answers with
+/// session_opened (or client_error with server_full).
+struct open_session {
+  std::string client_identity;  ///< ZeroMQ routing id (opaque bytes)
+  std::string client_name;
+  session_settings settings;
+};
+struct session_opened {
+  std::string client_identity;
+  session_id id = 0;
+  caf::actor session;
+  std::string models;  ///< "llm=...; encoder=..." for the welcome frame
+};
+
+/// 16-bit or float PCM already converted to float [-1, 1], interleaved channels.
+struct client_audio {
+  uint64_t seq = 0;               ///< per session, starts at 0, +1 per chunk (checked by the gateway)
+  int32_t sample_rate = 16000;
+  int32_t channels = 1;
+  std::vector<float> samples;     ///< frames * channels
+};
+struct client_end_turn {};        ///< the client says the user finished speaking
+struct client_text_turn { std::string text; };
+struct client_cancel {};          ///< barge-in / stop the running answer
+struct client_config { session_settings settings; };
+/// Labels for the current (or a finished) turn, stored with it (issue 7).
+struct client_annotation {
+  int64_t turn = -1;              ///< -1 = the current/last turn
+  std::string transcript;
+  std::string emotion;
+};
+struct client_gone {};            ///< bye, or the connection timed out
+
+// ----------------------------------------------- session -> gateway (client) ----
+struct to_client_delta {
+  std::string client_identity;
+  int64_t turn = 0;
+  std::string text;
+};
+struct turn_timings {
+  double end_of_turn_to_first_token_ms = -1;  ///< client end_turn / endpoint -> first token
+  double last_voice_to_first_token_ms = -1;   ///< last voiced sample -> first token (server VAD)
+  double audio_ms = 0;                        ///< user speech in this turn
+  double encode_ms = 0;                       ///< encoder time spent on this turn
+  double prefill_ms = 0;
+  double decode_ms = 0;
+  int64_t speech_tokens = 0;
+  int64_t answer_tokens = 0;
+};
+struct to_client_turn_end {
+  std::string client_identity;
+  int64_t turn = 0;
+  std::string text;                  ///< the whole answer
+  std::string stop_reason;           ///< stop_token | stop_string | max_tokens | context | cancelled
+  turn_timings timings;
+  std::string llm_version;
+  std::string encoder_version;
+};
+/// speech_start, speech_end, turn_start, endpoint, emotion (label + score), ...
+struct to_client_event {
+  std::string client_identity;
+  int64_t turn = 0;
+  std::string name;
+  std::string label;
+  double value = 0;
+};
+struct to_client_error {
+  std::string client_identity;
+  error_code code = error_code::internal;
+  std::string message;
+  bool fatal = false;                ///< the session is closed after this
+};
+/// Sent to the gateway when a session ended for any reason (free the identity).
+struct session_closed {
+  std::string client_identity;
+  session_id id = 0;
+};
+
+// -------------------------------------------------- session <-> encoder ----
+struct encode_open { session_id id = 0; };
+struct encode_audio { session_id id = 0; std::vector<float> samples_16k; };
+struct encode_finish { session_id id = 0; };   ///< end of this turn's audio: flush
+struct encode_close { session_id id = 0; };
+/// Speech tokens, [n_rows, d_model] row-major; last = the turn's audio is fully encoded.
+struct speech_rows {
+  session_id id = 0;
+  std::vector<float> rows;
+  int64_t n_rows = 0;
+  bool last = false;
+  std::string encoder_version;
+  double encode_ms = 0;
+};
+
+// ---------------------------------------------------- session <-> llm worker ----
+struct llm_open { session_id id = 0; caf::actor session; };
+/// Prompt rows to append: text, or speech rows (n_rows > 0).
+struct llm_append {
+  session_id id = 0;
+  std::string text;
+  std::vector<float> rows;
+  int64_t n_rows = 0;
+};
+struct llm_generate {
+  session_id id = 0;
+  int64_t turn = 0;
+  sampling_settings sampling;
+  std::vector<std::string> stop_strings;
+};
+struct llm_cancel { session_id id = 0; bool keep_answer = false; };
+struct llm_truncate { session_id id = 0; int64_t n_rows = 0; };
+struct llm_close { session_id id = 0; };
+struct llm_delta { session_id id = 0; int64_t turn = 0; std::string text; };
+struct llm_done {
+  session_id id = 0;
+  int64_t turn = 0;
+  std::string text;
+  std::string stop_reason;
+  int64_t tokens = 0;
+  int64_t context_rows = 0;          ///< slot rows after the answer
+  double prefill_ms = 0;
+  double decode_ms = 0;
+  std::string llm_version;
+};
+struct llm_failed { session_id id = 0; int64_t turn = 0; error_code code = error_code::internal; std::string message; };
+
+// -------------------------------------------------------- session -> logger ----
+/// One finished turn, everything the session store keeps (issue 7).
+struct turn_record {
+  session_id id = 0;
+  std::string client_name;
+  int64_t turn = 0;
+  double started_unix_s = 0;
+  std::vector<float> audio_16k;       ///< the user's audio of this turn (empty for text turns)
+  std::string user_text;              ///< text turns
+  std::string answer;
+  std::string stop_reason;
+  turn_timings timings;
+  std::string llm_version;
+  std::string encoder_version;
+  std::vector<std::string> events;    ///< "t_ms name label value" lines
+  std::string transcript;             ///< annotation, if any
+  std::string emotion;
+};
+
+// --------------------------------------------------- events for custom actors ----
+/// Published by sessions to every subscriber (docs/extending.md).
+struct session_event {
+  session_id id = 0;
+  int64_t turn = 0;
+  std::string kind;    ///< turn_start | speech_tokens | speech_end | answer_delta | answer | emotion | error
+  std::string text;    ///< answer text, error message, emotion label
+  double value = 0;    ///< token count, score
+};
+/// Subscribe / unsubscribe an actor to all sessions' events.
+struct subscribe_events { caf::actor subscriber; };
+struct unsubscribe_events { caf::actor subscriber; };
+/// A custom actor may inject a message into a session: it is spoken to the
+/// client as an event ("inject") or, with as_system = true, added to the LLM
+/// context as a system line before the next answer.
+struct inject_message { session_id id = 0; std::string text; bool as_system = false; };
+
+/// Registers every type above with CAF (call once on the actor_system_config).
+void register_message_types(caf::actor_system_config& cfg);
+
+}  // namespace undertone::actors
