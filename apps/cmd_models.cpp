@@ -5,11 +5,12 @@
 #include "apps/common.hpp"
 #include "models/model_info.hpp"
 #include "models/model_store.hpp"
+#include "models/speech_encoder.hpp"
 
 namespace undertone::apps {
 
 namespace {
-const char* const pinned[] = {"smollm2-135m-instruct", "whisper-tiny.en"};
+const char* const pinned[] = {"smollm2-135m-instruct", "whisper-tiny.en", "undertone-projector"};
 }
 
 void add_models_command(CLI::App& app, global_options& g) {
@@ -63,6 +64,23 @@ void add_models_command(CLI::App& app, global_options& g) {
         std::cerr << s << ": " << e.what() << "\n";
         exit_code() = 1;
       }
+    }
+  });
+
+  auto* conv = cmd->add_subcommand("convert-projector",
+                                   "Rewrite a projector checkpoint in another dtype (e.g. bf16 to ship it at half size)");
+  static std::string conv_in, conv_out, conv_dtype = "bf16";
+  conv->add_option("IN", conv_in, "projector.safetensors from undertone train")->required()->check(CLI::ExistingFile);
+  conv->add_option("OUT", conv_out, "file to write")->required();
+  conv->add_option("--dtype", conv_dtype, "fp32, bf16 or fp16")->capture_default_str();
+  conv->callback([] {
+    try {
+      models::convert_projector(conv_in, conv_out, conv_dtype);
+      std::cout << conv_out << ": written (" << conv_dtype << ", " << std::filesystem::file_size(conv_out)
+                << " bytes)\n";
+    } catch (const std::exception& e) {
+      std::cerr << "convert-projector: " << e.what() << "\n";
+      exit_code() = 1;
     }
   });
 }

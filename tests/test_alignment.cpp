@@ -185,6 +185,17 @@ BOOST_AUTO_TEST_CASE(teacher_cache_hits_and_misses) {
   teacher_cache c4(d.str(), w.llm.identity, w.topt.max_tokens + 1);
   BOOST_TEST(!c4.find(reqs[0]).has_value());
   BOOST_TEST(c2.find(reqs[0]).has_value());
+
+  // An answer cut inside a multi-byte character (token cap) is stored (text with
+  // U+FFFD, ids intact) instead of failing the whole run.
+  teacher_request cut{alignment_task::semantic, "Say something in Japanese", emotion_label::unlabeled};
+  teacher_response partial{{42, 43}, std::string("ok \xe3\x81"), false};
+  c2.put(cut, partial);
+  teacher_cache c5(d.str(), w.llm.identity, w.topt.max_tokens);
+  auto back = c5.find(cut);
+  BOOST_REQUIRE(back.has_value());
+  BOOST_TEST(back->tokens == partial.tokens);
+  BOOST_TEST(back->text == "ok \xef\xbf\xbd");
 }
 
 BOOST_AUTO_TEST_CASE(feature_cache_hits) {

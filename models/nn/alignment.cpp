@@ -296,8 +296,23 @@ void teacher_cache::put(const teacher_request& r, const teacher_response& resp) 
             {"response", resp.text},
             {"ended", resp.ended},
             {"tokens", resp.tokens}};
+  // A crash mid-append leaves a torn last line without its newline; start on a
+  // fresh line so this answer is not glued to (and discarded with) it.
+  bool need_newline = false;
+  {
+    std::ifstream last(file_, std::ios::binary | std::ios::ate);
+    if (last && last.tellg() > 0) {
+      last.seekg(-1, std::ios::end);
+      char c = 0;
+      last.get(c);
+      need_newline = c != '\n';
+    }
+  }
   std::ofstream out(file_, std::ios::app | std::ios::binary);
-  out << j.dump() << "\n";
+  if (need_newline) out << "\n";
+  // An answer cut at the token cap can end inside a multi-byte character; the
+  // ids are what training uses, so the readable text gets U+FFFD there.
+  out << j.dump(-1, ' ', false, json::error_handler_t::replace) << "\n";
   out.flush();
   if (!out) throw std::runtime_error("teacher cache " + file_ + ": append failed (disk full?)");
 }

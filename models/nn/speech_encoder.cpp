@@ -308,4 +308,9 @@ std::string speech_encoder::describe() const {
   return o.str();
 }
 
+void convert_projector(const std::string& in, const std::string& out, const std::string& dtype) {
+  auto p = projector::load(in, torch::kCPU, parse_dtype(dtype));
+  p->save(out);
+}
+
 }  // namespace undertone::models
