@@ -48,7 +48,7 @@ const char* to_string(error_code c);
 /// Voice activity and endpointing rules (sherpa-onnx style: rules as data).
 struct vad_settings {
   bool enabled = true;                ///< false: only the client's end_turn ends a turn
-  double threshold_db = -40.0;        ///< frame energy (dBFS) above this counts as speech ...
+  double threshold_db = -50.0;        ///< frame energy (dBFS) above this counts as speech ...
   double snr_db = 12.0;               ///< ... and this far above the tracked noise floor
   int32_t frame_ms = 20;
   int32_t min_speech_ms = 100;        ///< voiced run that starts a turn (speech_start event)
@@ -235,7 +235,89 @@ struct unsubscribe_events { caf::actor subscriber; };
 /// context as a system line before the next answer.
 struct inject_message { session_id id = 0; std::string text; bool as_system = false; };
 
+// ------------------------------------------------------ engine internals ----
+/// Supervisor -> sessions: a component was respawned after it died; `which` is
+/// "encoder", "llm" or "logger". Sessions re-open their state on the new actor
+/// and fail the turn that was in flight there (worker_lost / internal).
+struct component_restarted { std::string which; caf::actor actor; };
+
+/// Session -> llm worker: remember the slot's current context length as mark
+/// `mark` (0..3); llm_rewind truncates the slot back to it. Marks are how a
+/// session undoes an assistant header after a barge-in (docs/engine.md).
+struct llm_mark { session_id id = 0; int32_t mark = 0; };
+struct llm_rewind { session_id id = 0; int32_t mark = 0; };
+
+/// Atoms of the engine's internal loops.
+using tick_atom = caf::atom_constant<caf::atom("tick")>;          ///< llm worker: run one step
+using flush_atom = caf::atom_constant<caf::atom("flush")>;        ///< encoder: max_wait_ms elapsed
+using idle_check_atom = caf::atom_constant<caf::atom("idlechk")>;  ///< session: idle timeout check
+using stats_atom = caf::atom_constant<caf::atom("stats")>;        ///< supervisor: ask for counters
+
 /// Registers every type above with CAF (call once on the actor_system_config).
 void register_message_types(caf::actor_system_config& cfg);
+
+
+// ------------------------------------------------------------- inspect ----
+// CAF 0.17 inspectors (copy, print, serialize). Every field, in declaration
+// order; the wire codec does not use these (it has its own msgpack mapping).
+#define UT_INSPECT(T, ...)                                              \
+  template <class Inspector>                                            \
+  typename Inspector::result_type inspect(Inspector& f, T& x) {         \
+    return f(caf::meta::type_name(#T), __VA_ARGS__);                    \
+  }
+#define UT_INSPECT_EMPTY(T)                                             \
+  template <class Inspector>                                            \
+  typename Inspector::result_type inspect(Inspector& f, T&) {           \
+    return f(caf::meta::type_name(#T));                                 \
+  }
+
+UT_INSPECT(vad_settings, x.enabled, x.threshold_db, x.snr_db, x.frame_ms, x.min_speech_ms,
+           x.trailing_silence_ms, x.max_turn_ms)
+UT_INSPECT(sampling_settings, x.temperature, x.top_k, x.top_p, x.repetition_penalty, x.seed, x.max_tokens)
+UT_INSPECT(session_settings, x.system_prompt, x.sampling, x.vad, x.log)
+UT_INSPECT(open_session, x.client_identity, x.client_name, x.settings)
+UT_INSPECT(session_opened, x.client_identity, x.id, x.session, x.models)
+UT_INSPECT(client_audio, x.seq, x.sample_rate, x.channels, x.samples)
+UT_INSPECT_EMPTY(client_end_turn)
+UT_INSPECT(client_text_turn, x.text)
+UT_INSPECT_EMPTY(client_cancel)
+UT_INSPECT(client_config, x.settings)
+UT_INSPECT(client_annotation, x.turn, x.transcript, x.emotion)
+UT_INSPECT_EMPTY(client_gone)
+UT_INSPECT(to_client_delta, x.client_identity, x.turn, x.text)
+UT_INSPECT(turn_timings, x.end_of_turn_to_first_token_ms, x.last_voice_to_first_token_ms, x.audio_ms,
+           x.encode_ms, x.prefill_ms, x.decode_ms, x.speech_tokens, x.answer_tokens)
+UT_INSPECT(to_client_turn_end, x.client_identity, x.turn, x.text, x.stop_reason, x.timings, x.llm_version,
+           x.encoder_version)
+UT_INSPECT(to_client_event, x.client_identity, x.turn, x.name, x.label, x.value)
+UT_INSPECT(to_client_error, x.client_identity, x.code, x.message, x.fatal)
+UT_INSPECT(session_closed, x.client_identity, x.id)
+UT_INSPECT(encode_open, x.id)
+UT_INSPECT(encode_audio, x.id, x.samples_16k)
+UT_INSPECT(encode_finish, x.id)
+UT_INSPECT(encode_close, x.id)
+UT_INSPECT(speech_rows, x.id, x.rows, x.n_rows, x.last, x.encoder_version, x.encode_ms)
+UT_INSPECT(llm_open, x.id, x.session)
+UT_INSPECT(llm_append, x.id, x.text, x.rows, x.n_rows)
+UT_INSPECT(llm_generate, x.id, x.turn, x.sampling, x.stop_strings)
+UT_INSPECT(llm_cancel, x.id, x.keep_answer)
+UT_INSPECT(llm_truncate, x.id, x.n_rows)
+UT_INSPECT(llm_close, x.id)
+UT_INSPECT(llm_delta, x.id, x.turn, x.text)
+UT_INSPECT(llm_done, x.id, x.turn, x.text, x.stop_reason, x.tokens, x.context_rows, x.prefill_ms, x.decode_ms,
+           x.llm_version)
+UT_INSPECT(llm_failed, x.id, x.turn, x.code, x.message)
+UT_INSPECT(turn_record, x.id, x.client_name, x.turn, x.started_unix_s, x.audio_16k, x.user_text, x.answer,
+           x.stop_reason, x.timings, x.llm_version, x.encoder_version, x.events, x.transcript, x.emotion)
+UT_INSPECT(session_event, x.id, x.turn, x.kind, x.text, x.value)
+UT_INSPECT(subscribe_events, x.subscriber)
+UT_INSPECT(unsubscribe_events, x.subscriber)
+UT_INSPECT(inject_message, x.id, x.text, x.as_system)
+UT_INSPECT(component_restarted, x.which, x.actor)
+UT_INSPECT(llm_mark, x.id, x.mark)
+UT_INSPECT(llm_rewind, x.id, x.mark)
+
+#undef UT_INSPECT
+#undef UT_INSPECT_EMPTY
 
 }  // namespace undertone::actors

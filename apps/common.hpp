@@ -36,6 +36,9 @@ void add_chat_command(CLI::App& app, global_options& g);
 void add_encode_command(CLI::App& app, global_options& g);
 void add_train_command(CLI::App& app, global_options& g);
 void add_data_command(CLI::App& app, global_options& g);
+void add_send_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_send.cpp
+void add_talk_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_talk.cpp
+void add_serve_command(CLI::App& app, global_options& g);  ///< (engine) apps/cmd_serve.cpp
 
 /// The LLM options and generation request that the config describes (model
 /// resolved in the cache).

@@ -38,6 +38,9 @@ int main(int argc, char** argv) {
   apps::add_config_command(app, g);
   apps::add_models_command(app, g);
   apps::add_data_command(app, g);
+  apps::add_send_command(app, g);
+  apps::add_talk_command(app, g);
+  apps::add_serve_command(app, g);
 
   // Logging is set up before any subcommand runs, from the effective config.
   app.parse_complete_callback([&g] {

@@ -61,7 +61,7 @@ struct encoder_config {
 };
 
 struct vad_config {
-  double threshold_db = -40.0;   ///< frame energy above which speech is assumed, dBFS
+  double threshold_db = -50.0;   ///< frame energy above which speech is assumed, dBFS
   int64_t min_speech_ms = 100;   ///< voiced time before a turn starts
   int64_t end_silence_ms = 600;  ///< trailing silence that ends a turn
   int64_t max_turn_seconds = 30; ///< a turn is cut here

@@ -20,6 +20,20 @@
 //     is truncated to where the answer began, so the next turn continues from
 //     the user's last words.
 //
+// The context after an answer: the prompt rows plus every token of
+// generation_result::tokens (so also the token that completed a stop string);
+// the stop token itself (e.g. <|im_end|>) is NOT in it. The last answer token
+// is queued (prefilled by the next step), the others are in the KV cache. The
+// caller therefore appends the template's whole assistant tail
+// ("<|im_end|>\n" for chatml) whatever the stop reason, and the context equals
+// the chat template rendered over the answer's tokens.
+//
+// Errors: misuse throws from the call (std::logic_error: wrong state;
+// std::invalid_argument: bad slot id or arguments; std::runtime_error: the
+// context limit). step() never throws for one slot's problem: a slot that finds
+// no free KV cell (llm.kv_cells) gets an error event; its answer stops and its
+// queued rows are dropped.
+//
 // Threads: not thread-safe; one owner (the worker actor) calls everything.
 #pragma once
 
@@ -46,7 +60,8 @@ struct llm_event {
   uint64_t answer_id = 0;       ///< the id generate() returned
   std::string text;             ///< delta: new text; finished: the whole answer; error: message
   generation_result result;     ///< finished only: tokens, stop_reason, timings (prefill_s = time from
-                                ///< generate() until its pending rows were prefilled)
+                                ///< generate() until its pending rows were prefilled; prompt_tokens =
+                                ///< context rows at generate(), reused_tokens = of those already prefilled)
 };
 
 class llm_engine {
@@ -68,34 +83,58 @@ class llm_engine {
   /// A new empty conversation; throws std::runtime_error when max_slots are in use.
   int32_t open_slot();
   /// Frees the slot's KV cells; any answer in progress is dropped silently.
+  /// No-op for a slot that is not open.
   void close_slot(int32_t slot);
   bool has_slot(int32_t slot) const;
 
-  /// Queues prompt rows for `slot`. Throws std::logic_error while the slot is
-  /// generating (cancel first), std::invalid_argument for embeddings whose size
-  /// is not a multiple of d_model, std::runtime_error if the slot would exceed
-  /// context_tokens (the caller applies its context policy and retries).
+  /// Queues prompt rows for `slot`. Text is tokenized with special tokens
+  /// parsed (BOS prepended when it opens an empty context and the tokenizer
+  /// wants one); embeddings are [n, d_model] float32 row-major, copied
+  /// (n_embeddings = 0 means size / d_model). Throws std::logic_error while the
+  /// slot is generating (cancel first), std::invalid_argument for embeddings
+  /// whose size is not a multiple of d_model (or not n_embeddings x d_model) and
+  /// for a part with both text and embeddings, std::runtime_error if the slot
+  /// would exceed context_tokens (nothing is queued then; the caller applies
+  /// its context policy and retries).
   void append(int32_t slot, const prompt_part& part);
   /// Starts an answer after the queued rows; returns its id (unique per engine).
+  /// The answer's first token comes from the logits of the context's last row
+  /// (in the step that prefills it; if nothing is queued that row is computed
+  /// again, which needs it to be a token or the last row of the latest append).
+  /// Its token budget is min(req.max_tokens, context_tokens - context_rows);
+  /// running out of the context ends it with stop_reason "context".
+  /// Throws std::logic_error if the slot is already generating or is empty,
+  /// std::invalid_argument if req.max_tokens < 1, std::runtime_error if the
+  /// context already holds context_tokens rows (no room for an answer).
   uint64_t generate(int32_t slot, const generation_request& req);
   /// Stops the slot's answer (no finished event follows; a pending generate() is
   /// dropped too). keep_answer = false also removes the answer's rows from the
-  /// KV cache; queued, not yet prefilled rows are always dropped.
+  /// KV cache (context_rows() returns to its value at generate()); keep_answer =
+  /// true keeps every token sampled so far (the last one queued). Queued, not
+  /// yet prefilled prompt rows of a pending generate() are always dropped.
+  /// No-op when the slot has no answer running or pending (e.g. it just finished).
   void cancel(int32_t slot, bool keep_answer);
-  /// Keeps only the first n_rows rows of the slot's context (KV truncate).
+  /// Keeps only the first n_rows rows of the slot's context (KV truncate; no-op
+  /// if it has fewer). Throws std::logic_error while the slot is generating.
   void truncate(int32_t slot, int64_t n_rows);
+
+  // The queries below throw std::invalid_argument for a slot that is not open.
 
   /// Rows in the slot's context: prefilled + queued.
   int64_t context_rows(int32_t slot) const;
   /// Rows prefilled into the KV cache.
   int64_t prefilled_rows(int32_t slot) const;
+  /// True from generate() until the answer finished, failed or was cancelled.
   bool is_generating(int32_t slot) const;
   /// True if step() has anything to do.
   bool has_work() const;
 
-  /// One batched forward (see the file comment). Returns events in slot order.
-  /// A failure that concerns one slot (e.g. its context is full) becomes an error
-  /// event for that slot and stops its answer; other slots continue.
+  /// One batched forward (see the file comment). Returns events in slot order
+  /// (per slot: deltas, then finished or error). A failure that concerns one
+  /// slot (its KV cells: llm.kv_cells) becomes an error event for that slot
+  /// (answer_id 0 when it had no answer) and stops its answer; other slots
+  /// continue. An answer that reaches context_tokens finishes normally with
+  /// stop_reason "context".
   std::vector<llm_event> step();
 
  private:

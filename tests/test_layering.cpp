@@ -65,7 +65,8 @@ BOOST_AUTO_TEST_CASE(actors_do_not_use_zeromq_and_transport_not_models) {
   }
   for (const auto& [file, h] : includes_in("transport")) {
     BOOST_TEST_INFO(file << " includes " << h);
-    BOOST_CHECK(!starts(h, "models/") && !starts(h, "actors/"));
+    // (transport) the message types are the one part of actors/ it may see (docs/architecture.md).
+    BOOST_CHECK(!starts(h, "models/") && (!starts(h, "actors/") || h == "actors/messages.hpp"));
   }
   for (const auto& [file, h] : includes_in("config")) {
     BOOST_TEST_INFO(file << " includes " << h);

@@ -1,14 +1,18 @@
 // The client <-> server wire protocol (version transport::protocol_version),
-// specified in docs/protocol.md. CAF- and LibTorch-free so light clients can
-// use it; ZeroMQ-free too: a frame is a list of byte strings (ZeroMQ message
-// parts), and the ROUTER's routing id is handled by the socket code.
+// specified in docs/protocol.md. LibTorch- and ZeroMQ-free: a frame is a list
+// of byte strings (ZeroMQ message parts), and the ROUTER's routing id is
+// handled by the socket code. It shares error_code and turn_timings with the
+// engine through actors/messages.hpp, so it needs CAF's headers.
 //
 // Every frame = part 0: a msgpack map (the header; key "v" = protocol version,
 // key "t" = type name), and for audio exactly one more part: raw PCM
 // (s16le or f32le, interleaved). Unknown header keys are ignored (forward
 // compatible); missing or mistyped required keys are errors.
+//
+// Thread safety: everything here is a pure function of its arguments.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <optional>
 #include <stdexcept>
@@ -38,6 +42,16 @@ struct frame_limits {
 
 enum class pcm_format : uint8_t { s16le, f32le };
 
+/// Accepted audio header values (anything else is bad_frame).
+inline constexpr int32_t min_sample_rate = 1000;    ///< Hz
+inline constexpr int32_t max_sample_rate = 384000;  ///< Hz
+inline constexpr int32_t max_channels = 32;
+
+/// "bad_frame", "server_full", ...: the wire name of an error code (the
+/// `name` key of error frames). Same spelling as actors::to_string, but
+/// defined here so light clients need not link the actors library.
+const char* error_name(error_code c);
+
 // ------------------------------------------------------ client -> server ----
 struct hello_msg { uint32_t version = protocol_version; std::string client; std::string token; };
 /// Only the fields present are changed (optional = keep the session's value).
@@ -60,6 +74,12 @@ struct audio_msg {
   /// or a byte count that is not a whole number of frames.
   std::vector<float> to_float() const;
 };
+/// An audio frame from `n` interleaved samples (n = frames * channels).
+/// Float samples are clamped to [-1, 1) for s16le (NaN/Inf become 0); f32le
+/// keeps them as they are.
+audio_msg make_audio(uint64_t seq, const float* samples, size_t n, int32_t sample_rate, int32_t channels,
+                     pcm_format format = pcm_format::s16le);
+audio_msg make_audio(uint64_t seq, const int16_t* samples, size_t n, int32_t sample_rate, int32_t channels);
 struct end_turn_msg { uint64_t seq = 0; };       ///< seq = number of audio chunks sent in total
 struct text_msg { std::string text; };
 struct cancel_msg {};

@@ -1,28 +1,15 @@
 #include "models/chat_llm.hpp"
 
-#include <chrono>
-#include <filesystem>
 #include <map>
-#include <sstream>
 #include <stdexcept>
 
-#include "models/gguf.hpp"
 #include "models/nn/llama.hpp"
+#include "models/nn/llm_common.hpp"
 #include "models/tokenizer.hpp"
 
 namespace undertone::models {
 
 namespace {
-using clk = std::chrono::steady_clock;
-double since(clk::time_point t) { return std::chrono::duration<double>(clk::now() - t).count(); }
-
-torch::Dtype parse_dtype(const std::string& s) {
-  if (s == "fp32") return torch::kFloat32;
-  if (s == "bf16") return torch::kBFloat16;
-  if (s == "fp16") return torch::kFloat16;
-  throw std::runtime_error("unknown dtype '" + s + "' (fp32, bf16 or fp16)");
-}
-
 // Cache key of a prompt row: the token id, or -1 for an embedding row (never
 // matched, so prefix reuse stops at the first embedding).
 constexpr int64_t embedding_key = -1;
@@ -30,57 +17,27 @@ constexpr int64_t embedding_key = -1;
 
 struct chat_llm::impl {
   chat_llm_options opt;
-  std::shared_ptr<llama_model> model;
-  std::unique_ptr<tokenizer> tok;
-  chat_template tmpl;
+  loaded_llm m;
+  llama_model* model;  // m.model
+  tokenizer* tok;      // m.tok
   kv_cache cache;
   std::map<int32_t, std::vector<int64_t>> cached;  // per sequence: keys of the rows in the KV cache
-  std::string name;
 
-  impl(const chat_llm_options& o, std::shared_ptr<llama_model> m, std::unique_ptr<tokenizer> t, chat_template ct)
-      : opt(o), model(std::move(m)), tok(std::move(t)), tmpl(std::move(ct)), cache(model->make_cache(o.kv_cells)) {}
+  impl(const chat_llm_options& o, loaded_llm lm)
+      : opt(o), m(std::move(lm)), model(m.model.get()), tok(m.tok.get()), cache(model->make_cache(o.kv_cells)) {}
 };
 
-chat_llm::chat_llm(const chat_llm_options& o) {
-  if (o.path.empty()) throw std::runtime_error("chat_llm: no model path given");
-  llama_options lo;
-  lo.device = torch::Device(o.device);
-  lo.dtype = parse_dtype(o.dtype);
-  if (lo.device.is_cuda() && !torch::cuda::is_available())
-    throw std::runtime_error("llm.device is " + o.device + " but no CUDA device is available");
-  auto model = llama_model::load(o.path, lo);
-  std::unique_ptr<tokenizer> tok;
-  std::string name = std::filesystem::path(o.path).filename().string();
-  if (std::filesystem::is_directory(o.path)) {
-    tok = tokenizer::from_hf_dir(o.path);
-  } else {
-    gguf_file g(o.path);
-    tok = tokenizer::from_gguf(g);
-    name = g.get_string_or("general.name", name);
-  }
-  std::string bos_text = tok->bos_id() >= 0 ? tok->piece(tok->bos_id()) : "<|begin_of_text|>";
-  auto tmpl = chat_template::select(o.chat_template == "llama-3" ? "llama3" : o.chat_template,
-                                    tok->chat_template_text(), bos_text);
-  p_ = std::make_unique<impl>(o, std::move(model), std::move(tok), std::move(tmpl));
-  p_->name = name;
-}
+chat_llm::chat_llm(const chat_llm_options& o) : p_(std::make_unique<impl>(o, load_llm(o, "chat_llm"))) {}
 
 chat_llm::~chat_llm() = default;
 
-std::string chat_llm::describe() const {
-  const auto& hp = p_->model->hparams();
-  std::ostringstream os;
-  os << p_->name << " (" << hp.arch << ", " << hp.n_layer << " layers, d " << hp.d_model << ", " << hp.n_head << "/"
-     << hp.n_head_kv << " heads, vocab " << hp.n_vocab << ", " << p_->opt.dtype << " on " << p_->opt.device
-     << ", template " << p_->tmpl.name() << ", KV " << p_->opt.kv_cells << " cells)";
-  return os.str();
-}
+std::string chat_llm::describe() const { return describe_llm(p_->m, p_->opt); }
 
 int64_t chat_llm::d_model() const { return p_->model->d_model(); }
-const chat_template& chat_llm::templ() const { return p_->tmpl; }
+const chat_template& chat_llm::templ() const { return p_->m.tmpl; }
 
 std::string chat_llm::format_chat(const std::vector<chat_message>& messages) const {
-  return p_->tmpl.apply(messages, true);
+  return p_->m.tmpl.apply(messages, true);
 }
 
 std::vector<int32_t> chat_llm::tokenize(const std::string& text) const { return p_->tok->encode(text, true); }
@@ -98,7 +55,7 @@ void chat_llm::reset(int32_t seq) {
 
 generation_result chat_llm::generate(int32_t seq, const std::vector<prompt_part>& prompt, const generation_request& req,
                                      const std::function<bool(const std::string&)>& on_text) {
-  auto t_start = clk::now();
+  auto t_start = llm_clock::now();
   auto& P = *p_;
   const int64_t d = P.model->d_model();
 
@@ -115,12 +72,7 @@ generation_result chat_llm::generate(int32_t seq, const std::vector<prompt_part>
       auto e = torch::from_blob(const_cast<float*>(part.embeddings.data()), {part.n_embeddings, d}, torch::kFloat32);
       for (int64_t r = 0; r < part.n_embeddings; ++r) keys.push_back(embedding_key), embd_rows.push_back(e[r]);
     } else {
-      auto ids = P.tok->encode(part.text, true);
-      if (i == 0 && P.tok->add_bos() && P.tok->bos_id() >= 0 && (ids.empty() || ids[0] != P.tok->bos_id())) {
-        keys.push_back(P.tok->bos_id());
-        embd_rows.emplace_back();
-      }
-      for (auto id : ids) keys.push_back(id), embd_rows.emplace_back();
+      for (auto id : prompt_text_tokens(*P.tok, part.text, i == 0)) keys.push_back(id), embd_rows.emplace_back();
     }
   }
   if (keys.empty()) throw std::runtime_error("empty prompt");
@@ -156,62 +108,41 @@ generation_result chat_llm::generate(int32_t seq, const std::vector<prompt_part>
     logits = P.model->step(b, P.cache);
     old.insert(old.end(), keys.begin() + start, keys.begin() + end);
   }
-  res.prefill_s = since(t_start);
+  res.prefill_s = seconds_since(t_start);
 
   // 4. Decode.
-  sampler smp(req.sampling);
-  stop_matcher stops(req.stop_strings);
-  token_stream_decoder dec(*P.tok);
-  std::vector<int32_t> history(keys.begin(), keys.end());  // embedding rows count as -1: never penalized
   int64_t pos = n_prompt;
-  const int64_t budget = std::min(req.max_tokens, P.opt.context_tokens - n_prompt);
-  auto emit = [&](const std::string& piece) {
-    std::string out = stops.feed(piece);
-    if (!out.empty()) {
-      if (res.first_token_s == 0) res.first_token_s = since(t_start);
-      res.text += out;
-      if (on_text && !on_text(out)) return false;
-    }
-    return true;
-  };
-  auto t_first = clk::now();
-  res.stop_reason = budget < req.max_tokens ? "context" : "max_tokens";
-  for (int64_t i = 0; i < budget; ++i) {
+  answer_stream ans(*P.tok, req, std::min(req.max_tokens, P.opt.context_tokens - n_prompt),
+                    std::vector<int32_t>(keys.begin(), keys.end()));  // embedding rows count as -1: never penalized
+  auto t_first = llm_clock::now();
+  bool first = true;
+  while (!ans.done()) {
     auto row = logits[logits.size(0) - 1].to(torch::kCPU).contiguous();
-    int32_t next = smp.sample(row.data_ptr<float>(), row.size(0), history);
-    if (i == 0) t_first = clk::now();
-    if (P.tok->is_stop(next)) {
-      res.stop_reason = "stop_token";
-      break;
+    std::string out = ans.next(row.data_ptr<float>(), row.size(0));
+    if (first) t_first = llm_clock::now(), first = false;
+    if (!out.empty()) {
+      if (ans.result().first_token_s == 0) ans.result().first_token_s = seconds_since(t_start);
+      if (on_text && !on_text(out)) {
+        ans.cancel();
+        break;
+      }
     }
-    res.tokens.push_back(next);
-    history.push_back(next);
-    if (!emit(dec.push(next))) {
-      res.stop_reason = "cancelled";
-      break;
-    }
-    if (stops.stopped()) {
-      res.stop_reason = "stop_string";
-      break;
-    }
-    if (i + 1 == budget) break;  // no need to compute logits we will not use
+    if (ans.done()) break;  // no need to compute logits we will not use
     llm_batch b;
-    b.add_token(next, seq, pos, true);
+    b.add_token(ans.last_token(), seq, pos, true);
     logits = P.model->step(b, P.cache);
-    old.push_back(next);
+    old.push_back(ans.last_token());
     ++pos;
   }
-  if (res.stop_reason != "cancelled" && res.stop_reason != "stop_string") {
-    emit(dec.flush());
-    std::string tail = stops.flush();
-    if (!tail.empty()) {
-      res.text += tail;
-      if (on_text) on_text(tail);
-    }
-  }
-  res.decode_s = since(t_first);
-  if (res.first_token_s == 0) res.first_token_s = since(t_start);
-  return res;
+  std::string tail = ans.finish();
+  if (!tail.empty() && on_text) on_text(tail);
+  generation_result out = std::move(ans.result());
+  out.prompt_tokens = res.prompt_tokens;
+  out.reused_tokens = res.reused_tokens;
+  out.prefill_s = res.prefill_s;
+  out.decode_s = seconds_since(t_first);
+  if (out.first_token_s == 0) out.first_token_s = seconds_since(t_start);
+  return out;
 }
 
 }  // namespace undertone::models

@@ -1,0 +1,189 @@
+// The one-process engine (actors/engine.hpp).
+#include "actors/engine.hpp"
+
+#include <filesystem>
+#include <iostream>
+#include <random>
+
+#include "actors/encoder_actor.hpp"
+#include "actors/llm_worker.hpp"
+#include "actors/logger.hpp"
+#include "actors/session.hpp"
+#include "actors/supervisor.hpp"
+#include "models/llm_engine.hpp"
+#include "models/model_store.hpp"
+#include "models/speech_encoder.hpp"
+
+namespace undertone::actors {
+
+namespace fs = std::filesystem;
+
+session_settings session_settings_from(const config::undertone_config& cfg) {
+  session_settings s;
+  s.system_prompt = cfg.llm.system_prompt;
+  s.sampling.temperature = cfg.sampling.temperature;
+  s.sampling.top_k = cfg.sampling.top_k;
+  s.sampling.top_p = cfg.sampling.top_p;
+  s.sampling.repetition_penalty = cfg.sampling.repetition_penalty;
+  s.sampling.seed = cfg.sampling.seed < 0 ? uint64_t(std::random_device{}()) : uint64_t(cfg.sampling.seed);
+  s.sampling.max_tokens = cfg.sampling.max_tokens;
+  s.vad.enabled = cfg.vad.enabled;
+  s.vad.threshold_db = cfg.vad.threshold_db;
+  s.vad.snr_db = cfg.vad.snr_db;
+  s.vad.min_speech_ms = int32_t(cfg.vad.min_speech_ms);
+  s.vad.trailing_silence_ms = int32_t(cfg.vad.end_silence_ms);
+  s.vad.max_turn_ms = int32_t(cfg.vad.max_turn_seconds * 1000);
+  s.log = cfg.store.enabled;
+  return s;
+}
+
+std::string resolve_projector(const config::undertone_config& cfg) {
+  const std::string home = config::resolve_model_home(cfg);
+  if (!cfg.encoder.projector.empty()) return models::resolve_model_path(home, cfg.encoder.projector);
+  // The shipped default (models/checkpoints/, installed into the cache by
+  // scripts/setup as "undertone-projector") was trained for the default LLM and
+  // encoder only; anything else gets "" (untrained, the caller warns).
+  const config::undertone_config defaults;
+  if (cfg.llm.model != defaults.llm.model || cfg.encoder.model != defaults.encoder.model ||
+      cfg.encoder.stack_frames != defaults.encoder.stack_frames)
+    return "";
+  try {
+    return models::resolve_model_path(home, "undertone-projector");
+  } catch (const std::exception&) {
+    return "";
+  }
+}
+
+namespace {
+struct system_config : caf::actor_system_config {
+  system_config() { register_message_types(*this); }
+};
+}  // namespace
+
+struct engine::impl {
+  system_config sys_cfg;
+  std::unique_ptr<caf::actor_system> sys;
+  caf::actor supervisor, gateway;
+  std::vector<caf::actor> custom;
+  std::string models;
+  std::vector<std::string> warnings;
+  bool down = false;
+};
+
+engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
+               std::function<void(const std::string&)> log)
+    : p_(std::make_unique<impl>()) {
+  if (!log) log = [](const std::string& s) { std::cerr << s << "\n"; };
+  const std::string home = config::resolve_model_home(cfg);
+
+  // ---- LLM
+  models::llm_engine_options lo;
+  lo.llm.path = models::resolve_model_path(home, cfg.llm.model);
+  lo.llm.device = cfg.llm.device;
+  lo.llm.dtype = cfg.llm.dtype;
+  lo.llm.context_tokens = cfg.llm.context_tokens;
+  lo.llm.kv_cells = cfg.llm.kv_cells;
+  lo.llm.max_batch_rows = cfg.llm.max_batch_rows;
+  lo.llm.chat_template = cfg.llm.chat_template;
+  lo.max_slots = cfg.llm.max_slots;
+  lo.max_rows_per_step = cfg.llm.max_batch_rows;
+  auto llm = std::make_shared<models::llm_engine>(lo);
+
+  // ---- speech encoder
+  models::speech_encoder_options eo;
+  eo.model = models::resolve_model_path(home, cfg.encoder.model);
+  eo.projector = resolve_projector(cfg);
+  eo.d_llm = llm->d_model();
+  eo.device = cfg.encoder.device;
+  eo.dtype = cfg.encoder.dtype;
+  eo.chunk_ms = cfg.encoder.chunk_ms;
+  eo.stack_frames = cfg.encoder.stack_frames;
+  eo.window_blocks = cfg.encoder.window_blocks;
+  eo.normalization = cfg.encoder.normalization;
+  eo.max_batch = cfg.encoder.max_batch;
+  std::shared_ptr<const models::speech_encoder> enc = std::make_shared<models::speech_encoder>(eo);
+  if (eo.projector.empty()) {
+    p_->warnings.push_back(
+        "WARNING: no trained projector (encoder.projector is \"\" and the default \"undertone-projector\" is not in " + home +
+        "/models; scripts/setup installs it): using an UNTRAINED projector. The pipeline runs, "
+        "but answers to speech are nonsense. Train one (undertone train) and set encoder.projector.");
+  }
+  const std::string enc_version = fs::path(eo.model).filename().string() + "|" +
+                                  (eo.projector.empty() ? std::string("untrained-projector")
+                                                        : fs::path(eo.projector).filename().string() + "|" +
+                                                              std::to_string(fs::file_size(eo.projector)));
+  p_->models = "llm=" + llm->describe() + "; encoder=" + enc->describe();
+
+  auto env = std::make_shared<session_env>();
+  env->templ = llm->templ();
+  env->context_tokens = cfg.llm.context_tokens;
+  env->llm_version = llm->model_version();
+  env->encoder_version = enc_version;
+  env->models = p_->models;
+  env->idle_timeout_s = double(cfg.server.idle_timeout_s);
+  env->store = cfg.store.enabled;
+
+  // ---- actors
+  p_->sys = std::make_unique<caf::actor_system>(p_->sys_cfg);
+  auto& sys = *p_->sys;
+  encoder_actor_options ea;
+  ea.encoder = enc;
+  ea.version = enc_version;
+  ea.max_batch = cfg.encoder.max_batch;
+  ea.max_wait_ms = cfg.encoder.max_wait_ms;
+  auto respawn_encoder = [&sys, ea]() { return spawn_encoder_actor(sys, ea); };
+  llm_worker_options wo;
+  wo.factory = [lo]() { return std::make_shared<models::llm_engine>(lo); };
+  auto respawn_llm = [&sys, wo]() { return spawn_llm_worker(sys, wo); };
+  wo.engine = std::move(llm);
+
+  std::string store_dir = cfg.store.dir.empty() ? (fs::path(home) / "sessions").string() : cfg.store.dir;
+  supervisor_options so;
+  so.env = env;
+  so.max_sessions = cfg.server.max_sessions;
+  so.encoder = spawn_encoder_actor(sys, ea);
+  so.llm = spawn_llm_worker(sys, std::move(wo));
+  if (cfg.store.enabled) {
+    so.logger = spawn_logger(sys, store_dir);
+    so.respawn_logger = [&sys, store_dir]() { return spawn_logger(sys, store_dir); };
+  }
+  so.respawn_encoder = respawn_encoder;
+  so.respawn_llm = respawn_llm;
+  p_->supervisor = spawn_supervisor(sys, std::move(so));
+  log("undertone engine: " + p_->models);
+  log(std::string("undertone engine: session store ") + (cfg.store.enabled ? store_dir : "disabled"));
+  for (auto& w : p_->warnings) log(w);
+  if (gateway) {
+    try {
+      p_->gateway = gateway(sys, p_->supervisor);
+    } catch (...) {
+      shutdown();
+      throw;
+    }
+  }
+}
+
+engine::~engine() { shutdown(); }
+
+caf::actor_system& engine::system() { return *p_->sys; }
+caf::actor engine::supervisor() const { return p_->supervisor; }
+caf::actor engine::gateway() const { return p_->gateway; }
+const std::string& engine::models() const { return p_->models; }
+const std::vector<std::string>& engine::warnings() const { return p_->warnings; }
+
+void engine::attach(caf::actor custom) {
+  if (!custom) return;
+  p_->custom.push_back(custom);
+  caf::anon_send(p_->supervisor, subscribe_events{custom});
+}
+
+void engine::shutdown() {
+  if (!p_ || p_->down || !p_->sys) return;
+  p_->down = true;
+  if (p_->gateway) caf::anon_send_exit(p_->gateway, caf::exit_reason::user_shutdown);
+  for (auto& c : p_->custom) caf::anon_send_exit(c, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(p_->supervisor, caf::exit_reason::user_shutdown);
+  p_->sys->await_all_actors_done();
+}
+
+}  // namespace undertone::actors

@@ -1,0 +1,82 @@
+// `undertone serve`: the whole engine in one process (actors/engine.hpp) behind
+// the ZeroMQ gateway (transport/gateway.hpp). Ctrl-C / SIGTERM shut it down.
+#include <pthread.h>
+
+#include <csignal>
+#include <iostream>
+
+#include <spdlog/spdlog.h>
+
+#include "actors/engine.hpp"
+#include "apps/common.hpp"
+#include "models/runtime.hpp"
+#include "transport/gateway.hpp"
+
+namespace undertone::apps {
+
+namespace {
+struct serve_flags {
+  std::string bind;
+};
+}  // namespace
+
+void add_serve_command(CLI::App& app, global_options& g) {
+  static serve_flags f;
+  auto* cmd = app.add_subcommand(
+      "serve",
+      "Run the spoken-dialogue server: a ZeroMQ ROUTER for clients (`undertone send`, `undertone talk`,\n"
+      "transport/client.hpp), one session actor per client (16 kHz resampling, energy VAD + endpointing,\n"
+      "barge-in), the streaming speech encoder (speech tokens go straight into the LLM prompt), the frozen\n"
+      "LLM with continuous batching, and the session store (one JSONL line + FLAC per turn under store.dir).\n"
+      "Binds server.bind (default tcp://127.0.0.1:5555: loopback only; use --bind tcp://0.0.0.0:5555 to\n"
+      "accept other machines). Keys: [llm] (model, device, dtype, context_tokens, max_slots, system_prompt),\n"
+      "[encoder] (model, projector, chunk_ms, max_batch, max_wait_ms), [sampling], [vad], [server]\n"
+      "(max_sessions, idle_timeout_s, max_frame_bytes), [store]. Without a trained projector\n"
+      "(encoder.projector = \"\" and no \"undertone-projector\" in the model cache) an untrained one is\n"
+      "used: the pipeline runs, answers to speech are nonsense. Ctrl-C shuts down cleanly.");
+  cmd->add_option("--bind", f.bind, "client endpoint (= --set server.bind=...), e.g. tcp://127.0.0.1:5555");
+  cmd->callback([&g] {
+    auto cfg = effective_config(g);
+    if (!f.bind.empty()) cfg.server.bind = f.bind;
+    models::set_compute_threads(int(cfg.general.threads));
+    // Block the stop signals before any thread starts (threads inherit the mask);
+    // the main thread then waits for them with sigwait.
+    sigset_t stop;
+    sigemptyset(&stop);
+    sigaddset(&stop, SIGINT);
+    sigaddset(&stop, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+    auto gw_opt = transport::gateway_options::from(cfg.server);
+    gw_opt.default_settings = actors::session_settings_from(cfg);
+    std::string endpoint;
+    std::unique_ptr<actors::engine> eng;
+    try {
+      spdlog::info("loading models (llm {}, encoder {})", cfg.llm.model, cfg.encoder.model);
+      eng = std::make_unique<actors::engine>(
+          cfg,
+          [&](caf::actor_system& sys, caf::actor sup) { return transport::spawn_gateway(sys, gw_opt, sup, &endpoint); },
+          [](const std::string& line) {
+            if (line.rfind("WARNING", 0) == 0)
+              spdlog::warn("{}", line);
+            else
+              spdlog::info("{}", line);
+          });
+    } catch (const std::exception& e) {
+      std::cerr << "error: " << e.what() << "\n";
+      pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);
+      exit_code() = 1;
+      return;
+    }
+    spdlog::info("listening on {} (max {} sessions); Ctrl-C to stop", endpoint, cfg.server.max_sessions);
+    std::cout << "undertone serve: ready on " << endpoint << std::endl;
+    int sig = 0;
+    sigwait(&stop, &sig);
+    spdlog::info("{}: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    eng->shutdown();
+    eng.reset();
+    pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);
+    std::cout << "undertone serve: stopped" << std::endl;
+  });
+}
+
+}  // namespace undertone::apps
