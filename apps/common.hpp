@@ -35,6 +35,7 @@ void add_run_command(CLI::App& app, global_options& g);
 void add_chat_command(CLI::App& app, global_options& g);
 void add_encode_command(CLI::App& app, global_options& g);
 void add_train_command(CLI::App& app, global_options& g);
+void add_eval_command(CLI::App& app, global_options& g);
 void add_data_command(CLI::App& app, global_options& g);
 void add_send_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_send.cpp
 void add_talk_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_talk.cpp

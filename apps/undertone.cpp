@@ -35,6 +35,7 @@ int main(int argc, char** argv) {
   apps::add_chat_command(app, g);
   apps::add_encode_command(app, g);
   apps::add_train_command(app, g);
+  apps::add_eval_command(app, g);
   apps::add_config_command(app, g);
   apps::add_models_command(app, g);
   apps::add_data_command(app, g);

@@ -128,14 +128,44 @@ std::string find_in_path(const std::string& program) {
   return "";
 }
 
-namespace {
-// gnuplot string literal (single quotes; a quote is doubled).
-std::string gp_quote(const std::string& s) {
+std::string gnuplot_quote(const std::string& s) {
   std::string r = "'";
   for (char c : s) r += c == '\'' ? std::string("''") : std::string(1, c);
   return r + "'";
 }
-}  // namespace
+
+std::string run_gnuplot(const std::string& script, const std::string& png) {
+  const std::string gnuplot = find_in_path("gnuplot");
+  if (gnuplot.empty()) return "gnuplot not found (install Debian's gnuplot-nox); the script is " + script;
+  auto run = [&] {
+    std::string cmd = "'" + gnuplot + "' '" + script + "' 2>&1";
+    std::FILE* p = ::popen(cmd.c_str(), "r");
+    if (!p) return std::string("cannot run gnuplot");
+    std::string out;
+    char buf[512];
+    while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
+    int st = ::pclose(p);
+    if (st != 0) return "gnuplot failed: " + out;
+    return std::string();
+  };
+  std::string err = run();
+  if (!err.empty()) {
+    // Builds without cairo: the libgd terminal.
+    std::ifstream in(script);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string s = ss.str();
+    const std::string cairo = "set terminal pngcairo ";
+    auto at = s.find(cairo);
+    if (at != std::string::npos) {
+      s.replace(at, cairo.size(), "set terminal png ");
+      std::ofstream(script, std::ios::trunc) << s;
+      err = run();
+    }
+  }
+  if (err.empty() && !fs::exists(png)) err = "gnuplot ran but wrote no " + png;
+  return err;
+}
 
 std::string plot_loss_curves(const std::string& metrics_path, const std::string& png_path, const std::string& title) {
   auto rows = read_metrics(metrics_path);
@@ -169,42 +199,17 @@ std::string plot_loss_curves(const std::string& metrics_path, const std::string&
     std::ofstream g(gp, std::ios::trunc);
     g << "# Redraw with: gnuplot " << gp << "\n"
       << "set terminal pngcairo size 960,540 noenhanced\n"
-      << "set output " << gp_quote(png.string()) << "\n"
-      << "set title " << gp_quote(title) << "\n"
+      << "set output " << gnuplot_quote(png.string()) << "\n"
+      << "set title " << gnuplot_quote(title) << "\n"
       << "set xlabel 'step'\nset ylabel 'loss (nats/token)'\nset grid\nset key top right\n"
-      << "plot " << gp_quote(tsv) << " index 0 using 2:3 with lines lc rgb '#a0c0e0' title 'train',"
+      << "plot " << gnuplot_quote(tsv) << " index 0 using 2:3 with lines lc rgb '#a0c0e0' title 'train',"
       << " '' index 0 using 2:4 with lines lw 2 lc rgb '#1f5fa0' title 'train (EMA 0.9)'";
     if (n_val) g << ", '' index 1 using 2:3 with linespoints lw 2 pt 7 lc rgb '#d04020' title 'validation'";
     g << "\n";
   }
-  const std::string gnuplot = find_in_path("gnuplot");
-  if (gnuplot.empty())
+  if (find_in_path("gnuplot").empty())
     return "gnuplot not found (install Debian's gnuplot-nox); data and script are in " + tsv + " and " + gp;
-  auto run = [&](const std::string& script) {
-    std::string cmd = "'" + gnuplot + "' '" + script + "' 2>&1";
-    std::FILE* p = ::popen(cmd.c_str(), "r");
-    if (!p) return std::string("cannot run gnuplot");
-    std::string out;
-    char buf[512];
-    while (size_t n = std::fread(buf, 1, sizeof buf, p)) out.append(buf, n);
-    int st = ::pclose(p);
-    if (st != 0) return "gnuplot failed: " + out;
-    return std::string();
-  };
-  std::string err = run(gp);
-  if (!err.empty()) {
-    // Builds without cairo: the libgd terminal.
-    std::ifstream in(gp);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    std::string s = ss.str();
-    auto at = s.find("pngcairo size 960,540 noenhanced");
-    if (at != std::string::npos) s.replace(at, 32, "png size 960,540 noenhanced");
-    std::ofstream(gp, std::ios::trunc) << s;
-    err = run(gp);
-  }
-  if (err.empty() && !fs::exists(png)) err = "gnuplot ran but wrote no " + png.string();
-  return err;
+  return run_gnuplot(gp, png.string());
 }
 
 }  // namespace undertone::models

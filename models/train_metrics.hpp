@@ -70,6 +70,15 @@ class progress_bar {
 /// Full path of an executable found in $PATH, or "" if none.
 std::string find_in_path(const std::string& program);
 
+/// gnuplot string literal: single quotes, a quote doubled.
+std::string gnuplot_quote(const std::string& s);
+
+/// Runs gnuplot on the script file `script`, which writes `png`; a script whose
+/// terminal is "set terminal pngcairo ..." is retried with the libgd "png"
+/// terminal when cairo is missing. Returns "" on success, else why not
+/// (gnuplot missing: install Debian's gnuplot-nox; gnuplot failed; no PNG).
+std::string run_gnuplot(const std::string& script, const std::string& png);
+
 /// Draws train loss (raw and an exponential moving average) and validation
 /// loss against the step from a metrics file into `png_path` (gnuplot
 /// pngcairo, else png). Also writes `png_path` minus ".png" + ".gp" (the

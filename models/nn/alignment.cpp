@@ -230,8 +230,11 @@ std::vector<int32_t> encode_prompt(const alignment_llm& L, const std::string& te
 
 std::vector<int32_t> alignment_llm::teacher_prompt(alignment_task task, const std::string& transcript,
                                                    emotion_label emotion) const {
-  std::string text = templ.apply({{"user", teacher_user_text(task, transcript, emotion)}}, true);
-  return encode_prompt(*this, text, true);
+  return text_prompt(teacher_user_text(task, transcript, emotion));
+}
+
+std::vector<int32_t> alignment_llm::text_prompt(const std::string& user_text) const {
+  return encode_prompt(*this, templ.apply({{"user", user_text}}, true), true);
 }
 
 std::pair<std::vector<int32_t>, std::vector<int32_t>> alignment_llm::student_prompt(alignment_task task) const {
@@ -293,7 +296,7 @@ void teacher_cache::put(const teacher_request& r, const teacher_response& resp) 
             {"emotion", r.task == alignment_task::semantic ? std::string() : to_string(r.emotion)},
             {"transcript", r.transcript},
             {"max_tokens", max_tokens_},
-            {"response", resp.text},
+            {"response", utf8_sanitize(resp.text)},  // an answer cut mid-character is not valid UTF-8
             {"ended", resp.ended},
             {"tokens", resp.tokens}};
   // A crash mid-append leaves a torn last line without its newline; start on a
@@ -317,29 +320,31 @@ void teacher_cache::put(const teacher_request& r, const teacher_response& resp) 
   if (!out) throw std::runtime_error("teacher cache " + file_ + ": append failed (disk full?)");
 }
 
-std::vector<teacher_response> generate_teacher(const alignment_llm& llm, const std::vector<teacher_request>& reqs,
-                                               const teacher_options& opt) {
+std::vector<teacher_response> greedy_generate(const alignment_llm& llm, const std::vector<prompt_input>& prompts,
+                                              int64_t max_tokens, int64_t batch_size) {
   torch::NoGradGuard no_grad;
-  std::vector<teacher_response> out(reqs.size());
-  const int64_t bs = std::max<int64_t>(1, opt.batch);
-  for (size_t b0 = 0; b0 < reqs.size(); b0 += size_t(bs)) {
-    const size_t n = std::min(reqs.size() - b0, size_t(bs));
-    std::vector<std::vector<int32_t>> prompts(n);
+  std::vector<teacher_response> out(prompts.size());
+  const size_t bs = size_t(std::max<int64_t>(1, batch_size));
+  for (size_t b0 = 0; b0 < prompts.size(); b0 += bs) {
+    const size_t n = std::min(prompts.size() - b0, bs);
     int64_t cells = 0;
-    for (size_t i = 0; i < n; ++i) {
-      const auto& r = reqs[b0 + i];
-      prompts[i] = llm.teacher_prompt(r.task, r.transcript, r.emotion);
-      cells += int64_t(prompts[i].size()) + opt.max_tokens;
-    }
-    kv_cache cache = llm.model->make_cache(cells);
     llm_batch batch;
-    for (size_t i = 0; i < n; ++i) {
-      std::vector<int64_t> ids(prompts[i].begin(), prompts[i].end());
-      batch.add_tokens(ids, int32_t(i), 0, true);
-    }
     std::vector<int64_t> pos(n);
     std::vector<size_t> active(n);
-    for (size_t i = 0; i < n; ++i) pos[i] = int64_t(prompts[i].size()), active[i] = i;
+    for (size_t i = 0; i < n; ++i) {
+      const auto& p = prompts[b0 + i];
+      const int64_t ne = p.embeds.defined() ? p.embeds.size(0) : 0;
+      const int64_t len = int64_t(p.pre.size()) + ne + int64_t(p.post.size());
+      if (len == 0) throw std::invalid_argument("greedy_generate: empty prompt");
+      std::vector<int64_t> pre(p.pre.begin(), p.pre.end()), post(p.post.begin(), p.post.end());
+      batch.add_tokens(pre, int32_t(i), 0, ne == 0 && post.empty());
+      if (ne) batch.add_embeddings(p.embeds, int32_t(i), int64_t(pre.size()), post.empty());
+      batch.add_tokens(post, int32_t(i), int64_t(pre.size()) + ne, true);
+      cells += len + max_tokens;
+      pos[i] = len;
+      active[i] = i;
+    }
+    kv_cache cache = llm.model->make_cache(cells);
     torch::Tensor logits = llm.model->step(batch, cache);
     while (!active.empty()) {
       torch::Tensor next = logits.argmax(-1).to(torch::kCPU);
@@ -355,16 +360,24 @@ std::vector<teacher_response> generate_teacher(const alignment_llm& llm, const s
           continue;
         }
         r.tokens.push_back(t);
-        if (int64_t(r.tokens.size()) >= opt.max_tokens) continue;
+        if (int64_t(r.tokens.size()) >= max_tokens) continue;
         batch.add_token(t, int32_t(i), pos[i]++, true);
         still.push_back(i);
       }
       active = std::move(still);
       if (!active.empty()) logits = llm.model->step(batch, cache);
     }
-    for (size_t i = 0; i < n; ++i) out[b0 + i].text = llm.tok->decode(out[b0 + i].tokens);
+    for (size_t i = 0; i < n; ++i) out[b0 + i].text = utf8_sanitize(llm.tok->decode(out[b0 + i].tokens));
   }
   return out;
+}
+
+std::vector<teacher_response> generate_teacher(const alignment_llm& llm, const std::vector<teacher_request>& reqs,
+                                               const teacher_options& opt) {
+  std::vector<prompt_input> prompts(reqs.size());
+  for (size_t i = 0; i < reqs.size(); ++i)
+    prompts[i].pre = llm.teacher_prompt(reqs[i].task, reqs[i].transcript, reqs[i].emotion);
+  return greedy_generate(llm, prompts, opt.max_tokens, opt.batch);
 }
 
 std::vector<teacher_response> teacher_responses(const alignment_llm& llm, teacher_cache& cache,
@@ -483,18 +496,63 @@ std::vector<std::pair<std::string, torch::Tensor>> speech_model::trainables() {
   return r;
 }
 
+alignment_batch continuation_batch(const alignment_llm& llm, const std::vector<torch::Tensor>& prefixes,
+                                   const std::vector<std::vector<int32_t>>& continuations,
+                                   const std::vector<int64_t>& scored) {
+  const auto dev = llm.model->device();
+  const int64_t D = llm.model->d_model();
+  const int64_t B = int64_t(prefixes.size());
+  if (continuations.size() != prefixes.size() || scored.size() != prefixes.size())
+    throw std::invalid_argument("continuation_batch: prefixes, continuations and scored differ in length");
+  std::vector<torch::Tensor> rows;
+  std::vector<int64_t> lens;
+  int64_t T = 0, n_tok = 0;
+  for (int64_t i = 0; i < B; ++i) {
+    const auto& c = continuations[size_t(i)];
+    const int64_t ns = scored[size_t(i)];
+    const int64_t P = prefixes[size_t(i)].size(0);
+    if (ns < 0 || ns > int64_t(c.size()) || (ns > 0 && P + int64_t(c.size()) - ns < 1))
+      throw std::invalid_argument("continuation_batch: row " + std::to_string(i) + " scores " + std::to_string(ns) +
+                                  " of " + std::to_string(c.size()) + " continuation tokens after a prefix of " +
+                                  std::to_string(P));
+    torch::Tensor pre = prefixes[size_t(i)].to(dev, torch::kFloat32);
+    rows.push_back(c.empty() ? pre : torch::cat({pre, llm.model->embed_tokens(ids_tensor(c, dev))}, 0));
+    lens.push_back(P + int64_t(c.size()));
+    T = std::max(T, lens.back());
+    n_tok += ns;
+  }
+  alignment_batch b;
+  b.n_tokens = n_tok;
+  std::vector<torch::Tensor> padded;
+  std::vector<int64_t> am(size_t(B * T), 0), tg(size_t(B * T), 0), lm(size_t(B * T), 0);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t L = lens[size_t(i)], P = prefixes[size_t(i)].size(0);
+    const auto& c = continuations[size_t(i)];
+    padded.push_back(L < T ? torch::cat({rows[size_t(i)], torch::zeros({T - L, D}, rows[size_t(i)].options())}, 0)
+                           : rows[size_t(i)]);
+    for (int64_t p = 0; p < L; ++p) am[size_t(i * T + p)] = 1;
+    // Position p predicts the token at p + 1 (only continuation tokens are known).
+    for (int64_t j = 0; j < int64_t(c.size()); ++j)
+      if (P + j >= 1) tg[size_t(i * T + P + j - 1)] = c[size_t(j)];
+    for (int64_t j = int64_t(c.size()) - scored[size_t(i)]; j < int64_t(c.size()); ++j)
+      lm[size_t(i * T + P + j - 1)] = 1;
+  }
+  b.embeds = torch::stack(padded);
+  b.attention_mask = torch::tensor(am, torch::kLong).view({B, T}).to(dev);
+  b.targets = torch::tensor(tg, torch::kLong).view({B, T}).to(dev);
+  b.loss_mask = torch::tensor(lm, torch::kLong).view({B, T}).to(dev).to(torch::kBool);
+  return b;
+}
+
 alignment_batch collate(const alignment_llm& llm, speech_model& sm, const feature_store& feats,
                         const std::vector<const alignment_example*>& examples, bool with_teacher) {
   const auto dev = llm.model->device();
-  const int64_t D = llm.model->d_model();
   const int64_t B = int64_t(examples.size());
   std::map<alignment_task, std::pair<std::vector<int32_t>, std::vector<int32_t>>> prompts;
-  std::vector<torch::Tensor> rows;
-  std::vector<std::vector<int64_t>> tgt;
-  std::vector<std::vector<uint8_t>> lmask;
-  std::vector<std::vector<int32_t>> tids;
-  std::vector<int64_t> tstart;
-  int64_t T = 0, T2 = 0, n_tok = 0;
+  std::vector<torch::Tensor> prefixes;
+  std::vector<std::vector<int32_t>> conts, tids;
+  std::vector<int64_t> scored, tstart;
+  int64_t T2 = 0;
   for (const auto* e : examples) {
     auto it = prompts.find(e->task);
     if (it == prompts.end()) it = prompts.emplace(e->task, llm.student_prompt(e->task)).first;
@@ -502,26 +560,11 @@ alignment_batch collate(const alignment_llm& llm, speech_model& sm, const featur
     std::vector<int32_t> resp = e->response;
     if (e->ended) resp.push_back(llm.end_of_turn);
     torch::Tensor sp = sm.speech_tokens(feats.get(e->utt), feats.encoder_outputs()).to(dev, torch::kFloat32);
-    const int64_t ns = sp.size(0);
+    prefixes.push_back(torch::cat({llm.model->embed_tokens(ids_tensor(pre, dev)), sp}, 0));
     std::vector<int32_t> after = suf;
     after.insert(after.end(), resp.begin(), resp.end());
-    rows.push_back(torch::cat({llm.model->embed_tokens(ids_tensor(pre, dev)), sp,
-                               llm.model->embed_tokens(ids_tensor(after, dev))},
-                              0));
-    const int64_t L = int64_t(pre.size()) + ns + int64_t(after.size());
-    // Token at every position (-1 for speech); targets[t] = token at t+1.
-    std::vector<int64_t> tok(size_t(L), -1);
-    for (size_t i = 0; i < pre.size(); ++i) tok[i] = pre[i];
-    for (size_t i = 0; i < after.size(); ++i) tok[pre.size() + size_t(ns) + i] = after[i];
-    std::vector<int64_t> t(size_t(L), 0);
-    std::vector<uint8_t> m(size_t(L), 0);
-    for (int64_t p = 0; p + 1 < L; ++p) t[size_t(p)] = std::max<int64_t>(0, tok[size_t(p + 1)]);
-    const int64_t r0 = L - int64_t(resp.size());  // position of the first response token
-    for (int64_t j = 0; j < int64_t(resp.size()); ++j) m[size_t(r0 + j - 1)] = 1;
-    n_tok += int64_t(resp.size());
-    tgt.push_back(std::move(t));
-    lmask.push_back(std::move(m));
-    T = std::max(T, L);
+    conts.push_back(std::move(after));
+    scored.push_back(int64_t(resp.size()));
     if (with_teacher) {
       std::vector<int32_t> ti = e->teacher_prompt;
       tstart.push_back(int64_t(ti.size()));
@@ -530,25 +573,7 @@ alignment_batch collate(const alignment_llm& llm, speech_model& sm, const featur
       tids.push_back(std::move(ti));
     }
   }
-  alignment_batch b;
-  b.n_tokens = n_tok;
-  std::vector<torch::Tensor> padded;
-  std::vector<int64_t> am(size_t(B * T), 0), tg(size_t(B * T), 0);
-  std::vector<uint8_t> lm(size_t(B * T), 0);
-  for (int64_t i = 0; i < B; ++i) {
-    const int64_t L = rows[size_t(i)].size(0);
-    padded.push_back(L < T ? torch::cat({rows[size_t(i)], torch::zeros({T - L, D}, rows[size_t(i)].options())}, 0)
-                           : rows[size_t(i)]);
-    for (int64_t p = 0; p < L; ++p) {
-      am[size_t(i * T + p)] = 1;
-      tg[size_t(i * T + p)] = tgt[size_t(i)][size_t(p)];
-      lm[size_t(i * T + p)] = lmask[size_t(i)][size_t(p)];
-    }
-  }
-  b.embeds = torch::stack(padded);
-  b.attention_mask = torch::tensor(am, torch::kLong).view({B, T}).to(dev);
-  b.targets = torch::tensor(tg, torch::kLong).view({B, T}).to(dev);
-  b.loss_mask = torch::tensor(std::vector<int64_t>(lm.begin(), lm.end()), torch::kLong).view({B, T}).to(dev).to(torch::kBool);
+  alignment_batch b = continuation_batch(llm, prefixes, conts, scored);
   if (with_teacher) {
     std::vector<int64_t> ids(size_t(B * T2), 0), mk(size_t(B * T2), 0), tl(size_t(B * T2), 0);
     for (int64_t i = 0; i < B; ++i) {
@@ -566,12 +591,30 @@ alignment_batch collate(const alignment_llm& llm, speech_model& sm, const featur
   return b;
 }
 
+torch::Tensor loss_position_logits(const alignment_llm& llm, const alignment_batch& b) {
+  const auto& m = *llm.model;
+  torch::Tensor hidden = m.forward_embeddings(b.embeds, b.attention_mask, {}, true);
+  torch::Tensor idx = b.loss_mask.reshape({-1}).nonzero().squeeze(1);
+  return m.lm_head(hidden.reshape({-1, m.d_model()}).index_select(0, idx));  // [N, V] float32
+}
+
+std::pair<torch::Tensor, torch::Tensor> row_log_likelihood(const alignment_llm& llm, const alignment_batch& b) {
+  torch::Tensor logp = at::log_softmax(loss_position_logits(llm, b), -1);
+  torch::Tensor idx = b.loss_mask.reshape({-1}).nonzero().squeeze(1);
+  torch::Tensor tg = b.targets.reshape({-1}).index_select(0, idx);
+  torch::Tensor lp = logp.gather(1, tg.unsqueeze(1)).squeeze(1).to(torch::kCPU, torch::kFloat64);
+  const int64_t B = b.loss_mask.size(0);
+  torch::Tensor row = b.loss_mask.reshape({-1}).nonzero().squeeze(1).to(torch::kCPU).div(b.loss_mask.size(1), "floor");
+  torch::Tensor sum = torch::zeros({B}, torch::kFloat64).index_add_(0, row, lp);
+  torch::Tensor cnt = b.loss_mask.sum(1).to(torch::kCPU, torch::kFloat64);
+  return {sum, cnt};
+}
+
 loss_value alignment_loss(const alignment_llm& llm, const alignment_batch& b, const loss_options& opt) {
   const auto& m = *llm.model;
   const int64_t D = m.d_model();
-  torch::Tensor hidden = m.forward_embeddings(b.embeds, b.attention_mask, {}, true);
+  torch::Tensor logits = loss_position_logits(llm, b);  // [N, V] float32
   torch::Tensor idx = b.loss_mask.reshape({-1}).nonzero().squeeze(1);
-  torch::Tensor logits = m.lm_head(hidden.reshape({-1, D}).index_select(0, idx));  // [N, V] float32
   torch::Tensor tg = b.targets.reshape({-1}).index_select(0, idx);
   torch::Tensor logp = at::log_softmax(logits, -1);
   torch::Tensor ce = -logp.gather(1, tg.unsqueeze(1)).mean();

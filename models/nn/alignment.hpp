@@ -97,6 +97,10 @@ struct alignment_llm {
   /// default system prompt, generation prompt appended).
   std::vector<int32_t> teacher_prompt(alignment_task task, const std::string& transcript,
                                       emotion_label emotion) const;
+  /// Token ids of a one-turn chat prompt whose user message is `user_text`
+  /// (default system prompt, generation prompt appended; BOS when the model adds one).
+  /// teacher_prompt() is text_prompt(teacher_user_text(...)).
+  std::vector<int32_t> text_prompt(const std::string& user_text) const;
   /// Token ids before and after the speech tokens of the student prompt.
   std::pair<std::vector<int32_t>, std::vector<int32_t>> student_prompt(alignment_task task) const;
 };
@@ -154,6 +158,22 @@ struct teacher_stats {
   int64_t tokens = 0;   ///< tokens generated (misses only)
   double seconds = 0;   ///< generation wall time
 };
+
+/// A generation prompt: token ids, then optional embedding rows (speech
+/// tokens, [n, d_model], any float dtype), then more token ids.
+struct prompt_input {
+  std::vector<int32_t> pre;
+  torch::Tensor embeds;  ///< [n, d_model] or undefined
+  std::vector<int32_t> post;
+};
+
+/// Greedy continuations of `prompts` (at most `max_tokens` each), `batch`
+/// sequences per batched step (prefill of all prompts in one step, then one row
+/// per unfinished sequence per step). A stop token ends a sequence (ended =
+/// true, not part of tokens); text is the decoded answer with ill-formed UTF-8
+/// replaced by U+FFFD. No autograd.
+std::vector<teacher_response> greedy_generate(const alignment_llm& llm, const std::vector<prompt_input>& prompts,
+                                              int64_t max_tokens, int64_t batch);
 
 /// Greedy answers for `reqs`, `opt.batch` sequences per batched step (prefill
 /// of all prompts in one step, then one row per unfinished sequence per step).
@@ -246,6 +266,24 @@ struct speech_model {
   /// Every trainable tensor with a name ("projector.gate_weight", "encoder.layers.3.fc1.weight", ...).
   std::vector<std::pair<std::string, torch::Tensor>> trainables();
 };
+
+/// A right-padded batch of sequences `prefixes[i]` (embedding rows [P_i,
+/// d_model]) followed by the tokens `continuations[i]`; the loss positions are
+/// those that predict the last `scored[i]` continuation tokens (embeds,
+/// attention_mask, targets, loss_mask and n_tokens are set; no teacher side).
+/// Differentiable w.r.t. the prefixes.
+alignment_batch continuation_batch(const alignment_llm& llm, const std::vector<torch::Tensor>& prefixes,
+                                   const std::vector<std::vector<int32_t>>& continuations,
+                                   const std::vector<int64_t>& scored);
+
+/// Logits [N, n_vocab] (float32) at the loss positions of `b` (row-major: row
+/// 0's positions first), from one student forward (hidden states for the whole
+/// batch, the LM head only at the loss positions).
+torch::Tensor loss_position_logits(const alignment_llm& llm, const alignment_batch& b);
+
+/// Teacher-forced log-likelihood per row of `b`: {sum of log p(target) over the
+/// row's loss positions, number of those positions} (double, [B] each, CPU).
+std::pair<torch::Tensor, torch::Tensor> row_log_likelihood(const alignment_llm& llm, const alignment_batch& b);
 
 /// Builds the padded student batch (and the teacher's text batch when
 /// `with_teacher`) for `examples`, taking features from `feats`.
