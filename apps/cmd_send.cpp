@@ -42,6 +42,7 @@ struct turn_stats {
   double first_token_ms = -1;  ///< end of turn -> first delta (client clock, or the server's for VAD turns)
   double tokens_per_s = 0;
   int64_t tokens = 0;
+  double last_voice_ms = -1;  ///< server VAD turns: last voiced sample -> first token (server clock)
 };
 
 /// Shared by all session threads.
@@ -214,6 +215,7 @@ class session_runner {
     } else {
       s.first_token_ms = t.timings.end_of_turn_to_first_token_ms;
     }
+    s.last_voice_ms = t.timings.last_voice_to_first_token_ms;
     // The server's decode time when it reports one: deltas that queued up while
     // this client was busy would make the client-side rate meaningless.
     const double gen_s = answering_ ? std::chrono::duration<double>(now - first_).count() : 0.0;
@@ -314,9 +316,10 @@ void add_send_command(CLI::App& app, global_options& g) {
     for (auto& t : threads) t.join();
     runners.clear();
 
-    std::vector<double> lat, tps;
+    std::vector<double> lat, tps, voice;
     for (const auto& t : rs.turns) {
       if (t.first_token_ms >= 0) lat.push_back(t.first_token_ms);
+      if (t.last_voice_ms >= 0) voice.push_back(t.last_voice_ms);
       if (t.tokens_per_s > 0) tps.push_back(t.tokens_per_s);
     }
     char buf[512];
@@ -326,6 +329,11 @@ void add_send_command(CLI::App& app, global_options& g) {
                   (long long)fl.sessions, rs.turns.size(), rs.failed_sessions, rs.errors, percentile(lat, 50),
                   percentile(lat, 95), percentile(tps, 50), percentile(tps, 95));
     std::cout << buf;
+    if (!voice.empty()) {
+      std::snprintf(buf, sizeof buf, "summary: last voiced sample -> first token p50 %.0f ms, p95 %.0f ms (%zu turns)\n",
+                    percentile(voice, 50), percentile(voice, 95), voice.size());
+      std::cout << buf;
+    }
     if (rs.failed_sessions > 0) exit_code() = 1;
   });
 }

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# bench/serve: the server under 1, 4 and 16 concurrent real-time sessions
+# streaming real speech (RAVDESS clips of the validation speakers), default
+# models, one `undertone serve` process per configuration:
+#   (a) client end_turn -> first answer token (client clock), p50/p95
+#   (b) server endpointing (vad.end_silence_ms): last voiced sample -> first
+#       answer token (server clock), p50/p95
+#   (c) answer tokens/s per session (server decode time)
+#   (d) peak RSS of the server (VmHWM)
+# Usage: bench/run_serve.sh [SESSIONS...]   (default: 1 4 16)
+# Results: printed as a markdown table; copy into bench/RESULTS.md with date,
+# machine and load.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+u="${UNDERTONE_BIN:-$root/build/bin/undertone}"
+export OPENBLAS_CORETYPE="${OPENBLAS_CORETYPE:-$(grep -q avx512f /proc/cpuinfo && echo SkylakeX || echo Haswell)}"
+export OMP_WAIT_POLICY=PASSIVE
+ravdess="${RAVDESS:-$root/../shared/data/ravdess-train}"
+sessions=("$@")
+[ ${#sessions[@]} -gt 0 ] || sessions=(1 4 16)
+# Three clips of the validation actors (neutral/happy/sad), about 3.5 s each.
+clips=("$ravdess/03-01-01-01-01-01-15.flac" "$ravdess/03-01-03-02-01-01-16.flac" "$ravdess/03-01-04-02-02-01-15.flac")
+for c in "${clips[@]}"; do [ -f "$c" ] || { echo "missing $c (set RAVDESS=)"; exit 1; }; done
+port=5599
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+echo "| sessions | mode | (a)/(b) p50 ms | p95 ms | tokens/s p50 | peak RSS MiB | turns |"
+echo "|---|---|---|---|---|---|---|"
+for n in "${sessions[@]}"; do
+  for mode in client server; do
+    "$u" --log-level warn --set store.enabled=false --set sampling.max_tokens=32 \
+      --set server.max_sessions=64 serve --bind "tcp://127.0.0.1:$port" > "$tmp/serve.log" 2>&1 &
+    spid=$!
+    for _ in $(seq 1 120); do grep -q "ready on" "$tmp/serve.log" && break; sleep 0.5; done
+    "$u" --log-level warn send "${clips[@]}" --server "tcp://127.0.0.1:$port" --sessions "$n" --speed 1 \
+      --end-turn "$mode" > "$tmp/send.log" 2>&1 || true
+    rss=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$spid/status)
+    kill -INT $spid; wait $spid || true
+    if [ "$mode" = client ]; then
+      line=$(grep "^summary: [0-9]* session" "$tmp/send.log" || true)
+      p50=$(echo "$line" | sed -n 's/.*first token p50 \([0-9]*\) ms.*/\1/p')
+      p95=$(echo "$line" | sed -n 's/.*first token p50 [0-9]* ms, p95 \([0-9]*\) ms.*/\1/p')
+    else
+      line=$(grep "^summary: last voiced" "$tmp/send.log" || true)
+      p50=$(echo "$line" | sed -n 's/.*p50 \([0-9]*\) ms.*/\1/p')
+      p95=$(echo "$line" | sed -n 's/.*p95 \([0-9]*\) ms.*/\1/p')
+      line=$(grep "^summary: [0-9]* session" "$tmp/send.log" || true)
+    fi
+    tps=$(echo "$line" | sed -n 's/.*tokens\/s p50 \([0-9.]*\).*/\1/p')
+    turns=$(echo "$line" | sed -n 's/.* \([0-9]*\) turn(s).*/\1/p')
+    label=$([ "$mode" = client ] && echo "(a) client end_turn" || echo "(b) server VAD")
+    echo "| $n | $label | ${p50:-?} | ${p95:-?} | ${tps:-?} | $rss | ${turns:-?} |"
+    [ -n "$p50" ] || { echo "send output:"; tail -5 "$tmp/send.log"; }
+  done
+done
