@@ -8,6 +8,7 @@
 #   (c) answer tokens/s per session (server decode time)
 #   (d) peak RSS of the server (VmHWM)
 # Usage: bench/run_serve.sh [SESSIONS...]   (default: 1 4 16)
+#        SERVE_SET="llm.dtype=bf16 ..." bench/run_serve.sh 16   (extra --set for the server)
 # Results: printed as a markdown table; copy into bench/RESULTS.md with date,
 # machine and load.
 set -euo pipefail
@@ -28,7 +29,9 @@ echo "| sessions | mode | (a)/(b) p50 ms | p95 ms | tokens/s p50 | peak RSS MiB 
 echo "|---|---|---|---|---|---|---|"
 for n in "${sessions[@]}"; do
   for mode in client server; do
-    "$u" --log-level warn --set store.enabled=false --set sampling.max_tokens=32 \
+    extra=()
+    for kv in ${SERVE_SET:-}; do extra+=(--set "$kv"); done
+    "$u" --log-level warn --set store.enabled=false --set sampling.max_tokens=32 "${extra[@]}" \
       --set server.max_sessions=64 serve --bind "tcp://127.0.0.1:$port" > "$tmp/serve.log" 2>&1 &
     spid=$!
     for _ in $(seq 1 120); do grep -q "ready on" "$tmp/serve.log" && break; sleep 0.5; done
