@@ -12,6 +12,7 @@
 #include "actors/supervisor.hpp"
 #include "models/llm_engine.hpp"
 #include "models/model_store.hpp"
+#include "models/runtime.hpp"
 #include "models/speech_encoder.hpp"
 
 namespace undertone::actors {
@@ -80,7 +81,7 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   models::llm_engine_options lo;
   lo.llm.path = models::resolve_model_path(home, cfg.llm.model);
   lo.llm.device = cfg.llm.device;
-  lo.llm.dtype = cfg.llm.dtype;
+  lo.llm.dtype = models::resolve_dtype(cfg.llm.dtype, cfg.llm.device);
   lo.llm.context_tokens = cfg.llm.context_tokens;
   lo.llm.kv_cells = cfg.llm.kv_cells;
   lo.llm.max_batch_rows = cfg.llm.max_batch_rows;

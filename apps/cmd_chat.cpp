@@ -29,7 +29,7 @@ models::chat_llm_options llm_options_from(const config::undertone_config& cfg) {
   models::chat_llm_options o;
   o.path = models::resolve_model_path(config::resolve_model_home(cfg), cfg.llm.model);
   o.device = cfg.llm.device;
-  o.dtype = cfg.llm.dtype;
+  o.dtype = models::resolve_dtype(cfg.llm.dtype, cfg.llm.device);
   o.context_tokens = cfg.llm.context_tokens;
   o.kv_cells = cfg.llm.kv_cells;
   o.max_batch_rows = cfg.llm.max_batch_rows;

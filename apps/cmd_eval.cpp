@@ -100,7 +100,7 @@ int run_eval(const eval_flags& f, const global_options& g) {
   o.fresh_hidden = f.fresh_hidden;
   o.llm_path = M::resolve_model_path(home, cfg.llm.model);
   o.llm_device = cfg.llm.device;
-  o.llm_dtype = f.bf16 ? "bf16" : cfg.llm.dtype;
+  o.llm_dtype = f.bf16 ? "bf16" : models::resolve_dtype(cfg.llm.dtype, cfg.llm.device);
   o.chat_template = cfg.llm.chat_template;
   o.encoder_path = M::resolve_model_path(home, cfg.encoder.model);
   o.encoder_device = cfg.encoder.device;

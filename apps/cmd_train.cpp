@@ -112,7 +112,9 @@ int run_train(const train_flags& f, const global_options& g) {
   // ---- LLM (frozen) and teacher targets
   M::llama_options lo;
   lo.device = torch::Device(cfg.llm.device);
-  lo.dtype = f.bf16 ? torch::kBFloat16 : dtype_of(cfg.llm.dtype);
+  // The trainer's precision is chosen by --bf16 (the recipe's flag), not by
+  // llm.dtype = auto: an fp32 run stays fp32 unless asked.
+  lo.dtype = f.bf16 ? torch::kBFloat16 : dtype_of(cfg.llm.dtype == "auto" ? "fp32" : cfg.llm.dtype);
   const std::string llm_path = M::resolve_model_path(home, cfg.llm.model);
   auto t0 = clock::now();
   auto llm = M::alignment_llm::load(llm_path, lo, cfg.llm.chat_template);

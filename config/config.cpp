@@ -73,7 +73,7 @@ const std::vector<field>& fields() {
       return v.empty() ? "a model name from the cache, a .gguf file or an HF checkpoint directory" : "";
     });
     text("llm", "device", UT_FIELD(llm, device), check_device);
-    choice("llm", "dtype", UT_FIELD(llm, dtype), dtypes);
+    choice("llm", "dtype", UT_FIELD(llm, dtype), {"auto", "fp32", "bf16", "fp16"});
     integer("llm", "context_tokens", UT_FIELD(llm, context_tokens), 64, 1 << 20);
     integer("llm", "kv_cells", UT_FIELD(llm, kv_cells), 64, 1 << 24);
     integer("llm", "max_batch_rows", UT_FIELD(llm, max_batch_rows), 1, 65536);

@@ -29,7 +29,7 @@ struct general_config {
 struct llm_config {
   std::string model = "smollm2-135m-instruct";  ///< cache name, .gguf file or HF directory
   std::string device = "cpu";                   ///< cpu | cuda | cuda:N
-  std::string dtype = "fp32";                   ///< fp32 | bf16 | fp16 (weights and compute)
+  std::string dtype = "auto";                   ///< auto | fp32 | bf16 | fp16 (weights and compute)
   int64_t context_tokens = 2048;                ///< max tokens per sequence (KV positions)
   int64_t kv_cells = 32768;                     ///< KV cache capacity, tokens over all sequences
   int64_t max_batch_rows = 512;                 ///< rows per batched step (prefill chunking)

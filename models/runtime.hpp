@@ -31,4 +31,12 @@ std::string openblas_core();
 /// Returns only the variables that are not already set.
 std::vector<std::pair<std::string, std::string>> recommended_runtime_env();
 
+/// True if this CPU runs bf16 matmul natively (AVX512-BF16 or AMX-BF16 in
+/// /proc/cpuinfo), i.e. oneDNN's bf16 path is fast rather than emulated.
+bool cpu_has_fast_bf16();
+
+/// Resolves a configured dtype: "auto" -> "bf16" on CUDA devices and on CPUs
+/// with cpu_has_fast_bf16(), else "fp32"; any other value is returned as is.
+std::string resolve_dtype(const std::string& dtype, const std::string& device);
+
 }  // namespace undertone::models

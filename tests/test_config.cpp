@@ -67,7 +67,7 @@ BOOST_AUTO_TEST_CASE(bad_type_is_an_error) {
 
 BOOST_AUTO_TEST_CASE(bad_enum_lists_choices) {
   BOOST_CHECK_EQUAL(error_of([] { load_string("[llm]\ndtype = \"int4\"\n"); }),
-                    "llm.dtype must be one of fp32, bf16, fp16, got \"int4\"");
+                    "llm.dtype must be one of auto, fp32, bf16, fp16, got \"int4\"");
   BOOST_CHECK_EQUAL(error_of([] { load_string("[llm]\ndevice = \"gpu0\"\n"); }),
                     "llm.device must be one of cpu, cuda, cuda:N, got \"gpu0\"");
 }

@@ -1,5 +1,8 @@
 #include "models/runtime.hpp"
 
+#include <fstream>
+#include <sstream>
+
 #include <dlfcn.h>
 
 #include <ATen/Parallel.h>
@@ -42,6 +45,26 @@ std::vector<std::pair<std::string, std::string>> recommended_runtime_env() {
     }
   }
   return env;
+}
+
+bool cpu_has_fast_bf16() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    std::istringstream words(line);
+    std::string w;
+    while (words >> w)
+      if (w == "avx512_bf16" || w == "amx_bf16") return true;
+    return false;  // the first CPU's flags speak for all
+  }
+  return false;
+}
+
+std::string resolve_dtype(const std::string& dtype, const std::string& device) {
+  if (dtype != "auto") return dtype;
+  if (device.rfind("cuda", 0) == 0) return "bf16";
+  return cpu_has_fast_bf16() ? "bf16" : "fp32";
 }
 
 }  // namespace undertone::models
