@@ -1,29 +1,7 @@
-// Names of the error codes and the one place every message type is announced
-// to CAF (actors/messages.hpp).
+// The one place every message type is announced to CAF (actors/messages.hpp).
 #include "actors/messages.hpp"
 
 namespace undertone::actors {
-
-const char* to_string(error_code c) {
-  switch (c) {
-    case error_code::none: return "none";
-    case error_code::bad_frame: return "bad_frame";
-    case error_code::unsupported_version: return "unsupported_version";
-    case error_code::unknown_type: return "unknown_type";
-    case error_code::frame_too_large: return "frame_too_large";
-    case error_code::out_of_order: return "out_of_order";
-    case error_code::rate_limited: return "rate_limited";
-    case error_code::server_full: return "server_full";
-    case error_code::no_session: return "no_session";
-    case error_code::bad_config: return "bad_config";
-    case error_code::turn_too_long: return "turn_too_long";
-    case error_code::context_full: return "context_full";
-    case error_code::busy: return "busy";
-    case error_code::worker_lost: return "worker_lost";
-    case error_code::internal: return "internal";
-  }
-  return "unknown";
-}
 
 void register_message_types(caf::actor_system_config& cfg) {
 #define UT_ADD(T) cfg.add_message_type<T>("undertone::" #T)
