@@ -32,6 +32,15 @@ namespace fs = std::filesystem;
 
 namespace {
 
+/// Removes a temporary directory (and what is in it) when the scope ends.
+struct remove_on_exit {
+  fs::path p;
+  ~remove_on_exit() {
+    std::error_code ec;
+    fs::remove_all(p, ec);
+  }
+};
+
 // ---- deterministic randomness (own generator: std distributions differ between
 // standard libraries, and the plan must not) ----------------------------------------
 struct rng {
@@ -679,13 +688,7 @@ std::vector<synth_voice> probe_voices(const synth_options& opt, std::vector<std:
   fs::path tmp = fs::temp_directory_path() / ("undertone-probe-" + std::to_string(::getpid()) + "-" +
                                               std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()));
   fs::create_directories(tmp);
-  struct rm {
-    fs::path p;
-    ~rm() {
-      std::error_code ec;
-      fs::remove_all(p, ec);
-    }
-  } rm_tmp{tmp};
+  remove_on_exit rm_tmp{tmp};
 
   // One probe per engine voice and per espeak-ng variant (accent x variant combos
   // are all valid once both parts are).
@@ -758,13 +761,7 @@ synth_report synthesize(const synth_options& opt, const synth_progress& progress
   fs::create_directories(out / "audio");
   fs::path tmp = out / (".tmp-" + std::to_string(::getpid()));
   fs::create_directories(tmp);
-  struct rm {
-    fs::path p;
-    ~rm() {
-      std::error_code ec;
-      fs::remove_all(p, ec);
-    }
-  } rm_tmp{tmp};
+  remove_on_exit rm_tmp{tmp};
 
   std::vector<utterance> rows(jobs.size());
   std::atomic<size_t> next{0};
