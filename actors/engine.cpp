@@ -142,12 +142,17 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   supervisor_options so;
   so.env = env;
   so.max_sessions = cfg.server.max_sessions;
+  // The store first: a corrupt index throws before any other actor runs.
+  if (cfg.store.enabled) {
+    logger_options lg;
+    lg.dir = store_dir;
+    lg.retention_days = double(cfg.store.retention_days);
+    lg.max_bytes = cfg.store.max_megabytes * 1048576;
+    so.logger = spawn_logger(sys, lg);
+    so.respawn_logger = [&sys, lg]() { return spawn_logger(sys, lg); };
+  }
   so.encoder = spawn_encoder_actor(sys, ea);
   so.llm = spawn_llm_worker(sys, std::move(wo));
-  if (cfg.store.enabled) {
-    so.logger = spawn_logger(sys, store_dir);
-    so.respawn_logger = [&sys, store_dir]() { return spawn_logger(sys, store_dir); };
-  }
   so.respawn_encoder = respawn_encoder;
   so.respawn_llm = respawn_llm;
   p_->supervisor = spawn_supervisor(sys, std::move(so));

@@ -1,94 +1,96 @@
-// Logger actor: JSONL + FLAC per turn, fsync'ed (actors/logger.hpp).
+// Logger actor: turn records into the session store (actors/logger.hpp).
 #include "actors/logger.hpp"
 
-#include <fcntl.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <ctime>
-#include <filesystem>
 #include <iostream>
+#include <memory>
 
 #include <nlohmann/json.hpp>
 
-#include "models/audio.hpp"
+#include "models/session_store.hpp"
 
 namespace undertone::actors {
 
 namespace {
 
-namespace fs = std::filesystem;
-
-void fsync_path(const fs::path& p, bool dir) {
-  const int fd = ::open(p.c_str(), dir ? O_RDONLY | O_DIRECTORY : O_RDONLY);
-  if (fd < 0) return;
-  ::fsync(fd);
-  ::close(fd);
-}
+using prune_atom = caf::atom_constant<caf::atom("prune")>;
 
 struct logger_state {
-  fs::path dir;
-  std::string run;  // one per logger start: session ids restart at 1 with the server
+  std::shared_ptr<models::session_store> store;
+  std::string run;
+  std::chrono::seconds prune_every{3600};
   int64_t written = 0;
   static inline const char* name = "undertone.logger";
 
-  void write(const turn_record& r) {
-    nlohmann::json j;
-    j["run"] = run;
-    j["session"] = r.id;
-    j["client"] = r.client_name;
-    j["turn"] = r.turn;
-    j["started_unix_s"] = r.started_unix_s;
-    j["user_text"] = r.user_text;
-    j["answer"] = r.answer;
-    j["stop_reason"] = r.stop_reason;
-    j["llm_version"] = r.llm_version;
-    j["encoder_version"] = r.encoder_version;
-    j["events"] = r.events;
-    j["transcript"] = r.transcript;
-    j["emotion"] = r.emotion;
-    const auto& t = r.timings;
-    j["timings"] = {{"end_of_turn_to_first_token_ms", t.end_of_turn_to_first_token_ms},
-                    {"last_voice_to_first_token_ms", t.last_voice_to_first_token_ms},
-                    {"audio_ms", t.audio_ms},
-                    {"encode_ms", t.encode_ms},
-                    {"prefill_ms", t.prefill_ms},
-                    {"decode_ms", t.decode_ms},
-                    {"speech_tokens", t.speech_tokens},
-                    {"answer_tokens", t.answer_tokens}};
-    if (!r.audio_16k.empty()) {
-      const fs::path sub = fs::path("audio") / run / ("session-" + std::to_string(r.id));
-      const fs::path file = sub / ("turn-" + std::to_string(r.turn) + ".flac");
-      fs::create_directories(dir / sub);
-      models::save_audio((dir / file).string(), r.audio_16k.data(), r.audio_16k.size(), 16000, 1);
-      fsync_path(dir / file, false);
-      fsync_path(dir / sub, true);
-      j["audio"] = file.string();
-      j["audio_samples"] = r.audio_16k.size();
-    }
-    const fs::path jl = dir / "turns.jsonl";
-    const std::string line = j.dump() + "\n";
-    const int fd = ::open(jl.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (fd < 0) throw std::runtime_error("cannot open " + jl.string());
-    const ssize_t n = ::write(fd, line.data(), line.size());
-    ::fsync(fd);
-    ::close(fd);
-    if (n != ssize_t(line.size())) throw std::runtime_error("short write to " + jl.string() + " (disk full?)");
+  int64_t write(turn_record& r) {
+    models::stored_turn t;
+    t.run = run;
+    t.session = r.id;
+    t.client = r.client_name;
+    t.turn = r.turn;
+    t.started_unix_s = r.started_unix_s;
+    t.user_text = r.user_text;
+    t.answer = r.answer;
+    t.stop_reason = r.stop_reason;
+    t.llm_version = r.llm_version;
+    t.encoder_version = r.encoder_version;
+    t.events = r.events;
+    t.transcript = r.transcript;
+    t.emotion = r.emotion;
+    const auto& x = r.timings;
+    t.timings = {{"end_of_turn_to_first_token_ms", x.end_of_turn_to_first_token_ms},
+                 {"last_voice_to_first_token_ms", x.last_voice_to_first_token_ms},
+                 {"audio_ms", x.audio_ms},
+                 {"encode_ms", x.encode_ms},
+                 {"prefill_ms", x.prefill_ms},
+                 {"decode_ms", x.decode_ms},
+                 {"speech_tokens", x.speech_tokens},
+                 {"answer_tokens", x.answer_tokens}};
+    const int64_t id = store->append(t, r.audio_16k);
     ++written;
+    return id;
+  }
+
+  void prune() {
+    try {
+      const auto p = store->prune();
+      if (p.sessions > 0)
+        std::cerr << "undertone logger: retention removed " << p.sessions << " sessions (" << p.turns << " turns, "
+                  << p.bytes / 1048576.0 << " MiB of audio) from " << store->dir() << "\n";
+    } catch (const std::exception& e) {
+      std::cerr << "undertone logger: retention failed: " << e.what() << "\n";
+    }
   }
 };
 
-caf::behavior logger_behavior(caf::stateful_actor<logger_state>* self, std::string dir) {
-  self->state.dir = dir;
-  self->state.run = "run-" + std::to_string(int64_t(std::time(nullptr))) + "-" + std::to_string(::getpid());
+caf::behavior logger_behavior(caf::stateful_actor<logger_state>* self, std::shared_ptr<models::session_store> store,
+                              std::chrono::seconds prune_every) {
+  auto& st = self->state;
+  st.store = std::move(store);
+  st.run = "run-" + std::to_string(int64_t(std::time(nullptr))) + "-" + std::to_string(::getpid());
+  st.prune_every = prune_every;
+  st.prune();
+  if (prune_every.count() > 0) self->delayed_send(self, prune_every, prune_atom::value);
   return {
-      [=](turn_record& r) {
+      [=](turn_record& r) -> caf::result<int64_t> {
+        auto& s = self->state;
         try {
-          fs::create_directories(self->state.dir);
-          self->state.write(r);
+          if (r.stop_reason == "annotation") {
+            s.store->annotate(s.run, r.id, r.turn, r.transcript, r.emotion, "client");
+            return int64_t(0);
+          }
+          return s.write(r);
         } catch (const std::exception& e) {
-          std::cerr << "undertone logger: turn " << r.id << "/" << r.turn << " not stored: " << e.what() << "\n";
+          std::cerr << "undertone logger: session " << r.id << " turn " << r.turn
+                    << (r.stop_reason == "annotation" ? " annotation" : "") << " not stored: " << e.what() << "\n";
+          return caf::make_error(caf::sec::runtime_error, std::string(e.what()));
         }
+      },
+      [=](prune_atom) {
+        self->state.prune();
+        self->delayed_send(self, self->state.prune_every, prune_atom::value);
       },
       [=](stats_atom) { return self->state.written; },
   };
@@ -96,8 +98,15 @@ caf::behavior logger_behavior(caf::stateful_actor<logger_state>* self, std::stri
 
 }  // namespace
 
-caf::actor spawn_logger(caf::actor_system& sys, std::string dir) {
-  return sys.spawn<caf::detached>(logger_behavior, std::move(dir));
+caf::actor spawn_logger(caf::actor_system& sys, const logger_options& opt) {
+  models::store_options so;
+  so.retention_days = opt.retention_days;
+  so.max_bytes = opt.max_bytes;
+  auto store = std::make_shared<models::session_store>(opt.dir, so);
+  if (store->opened().orphans_removed > 0)
+    std::cerr << "undertone logger: removed " << store->opened().orphans_removed
+              << " audio files with no row in " << store->index_path() << " (a crash between audio and commit)\n";
+  return sys.spawn<caf::detached>(logger_behavior, std::move(store), opt.prune_every);
 }
 
 }  // namespace undertone::actors

@@ -1,23 +1,35 @@
-// The logger actor: durable record of every finished turn (docs/engine.md).
+// The logger actor: writes every finished turn into the session store
+// (models/session_store.hpp, docs/store.md) and applies its retention limits.
 //
-// Layout under `dir` (simple on purpose; issue 7 replaces it by an
-// SQLite-indexed session store and keeps this data):
-//   dir/turns.jsonl                          one JSON object per turn (all of
-//                                            turn_record except the audio)
-//   dir/audio/run-<unix>-<pid>/session-<id>/turn-<n>.flac
-//                                            the user's 16 kHz audio of the turn
-// Durability: the FLAC file is written and fsync'ed first, then the JSONL line is
-// appended and fsync'ed, so a line never names audio that is not on disk. A
-// failed write is reported on stderr and the record dropped (the server stays up).
+// Messages:
+//   turn_record (request) -> int64_t: the turn's store id once it is durable
+//       (FLAC + row committed), or an error (disk full, ...). The session sends
+//       the client's turn_end only after this reply (docs/store.md, "Durability").
+//       A turn_record with stop_reason "annotation" is a late label for a stored
+//       turn (client annotate frame): annotate(..., source "client"), reply 0.
+//   stats_atom -> int64_t: turns stored by this logger.
+// One run name per logger start ("run-<unix>-<pid>"): session ids restart at 1
+// with the server, the run keeps them apart. Retention (prune) runs at start and
+// every `prune_every`.
 #pragma once
 
+#include <chrono>
 #include <string>
 
 #include "actors/messages.hpp"
 
 namespace undertone::actors {
 
-/// Spawns the logger (detached: fsync blocks). Handles turn_record.
-caf::actor spawn_logger(caf::actor_system& sys, std::string dir);
+struct logger_options {
+  std::string dir;                        ///< the store directory (created if missing)
+  double retention_days = 0;              ///< store.retention_days (0 = keep forever)
+  int64_t max_bytes = 0;                  ///< store.max_megabytes * 2^20 (0 = unlimited)
+  std::chrono::seconds prune_every{3600}; ///< how often retention runs after the start
+};
+
+/// Opens the store (in the caller's thread: a corrupt index throws
+/// models::store_error naming the file, so the server does not start) and spawns
+/// the logger, detached (fsync blocks).
+caf::actor spawn_logger(caf::actor_system& sys, const logger_options& opt);
 
 }  // namespace undertone::actors

@@ -5,6 +5,10 @@
 
 #include <chrono>
 #include <cstdio>
+#include <deque>
+#include <functional>
+#include <iostream>
+#include <set>
 
 #include "actors/session_logic.hpp"
 #include "models/audio.hpp"
@@ -66,6 +70,18 @@ struct session_state {
   int64_t rows_est = 0;        // upper bound of the slot's rows
   bool need_rebuild = false;
   bool closed = false;
+  bool closing = false;        // closed, quits once the outbox is empty
+
+  // Messages to the gateway wait behind a turn's store commit (docs/store.md,
+  // "Durability"): an entry with barrier != 0 holds everything after it until
+  // the logger confirms that commit (or it times out).
+  struct outgoing {
+    uint64_t barrier = 0;
+    std::function<void()> send;
+  };
+  std::deque<outgoing> outbox;
+  std::set<uint64_t> pending_commits;
+  uint64_t commits = 0;
   clk::time_point last_touch = clk::now();
   static inline const char* name = "undertone.session";
 
@@ -73,6 +89,34 @@ struct session_state {
 
   // ---- helpers
   void touch() { last_touch = clk::now(); }
+
+  /// Every message to the gateway goes through here (keeps the order behind commits).
+  template <class T>
+  void to_gateway(T msg) {
+    if (outbox.empty()) {
+      self->send(o.gateway, std::move(msg));
+      return;
+    }
+    outbox.push_back({0, [this, m = std::move(msg)]() mutable { self->send(o.gateway, std::move(m)); }});
+  }
+  /// Sends what is no longer held by an unconfirmed commit.
+  void flush_outbox(bool all = false) {
+    while (!outbox.empty()) {
+      auto& f = outbox.front();
+      if (!all && f.barrier != 0 && pending_commits.count(f.barrier)) break;
+      if (f.send) f.send();
+      outbox.pop_front();
+    }
+    if (closing && outbox.empty()) self->quit();
+  }
+  /// A commit resolved; `note` (if any) is sent in the barrier's place.
+  void resolve_commit(uint64_t id, std::function<void()> note = {}) {
+    pending_commits.erase(id);
+    for (auto& f : outbox)
+      if (f.barrier == id) f.send = std::move(note);
+    flush_outbox();
+  }
+  bool storing() const { return o.env->store && o.settings.log && o.logger; }
 
   void event_line(const std::string& what, const std::string& label = {}, double value = 0) {
     char buf[64];
@@ -82,11 +126,11 @@ struct session_state {
     cur.events.push_back(buf + what + " " + (label.empty() ? "-" : label) + v);
   }
   void to_client_event_(const std::string& name, const std::string& label = {}, double value = 0) {
-    self->send(o.gateway, to_client_event{o.client_identity, cur.n, name, label, value});
+    to_gateway(to_client_event{o.client_identity, cur.n, name, label, value});
     event_line(name, label, value);
   }
   void to_client_error_(error_code c, const std::string& msg, bool fatal = false) {
-    self->send(o.gateway, to_client_error{o.client_identity, c, msg, fatal});
+    to_gateway(to_client_error{o.client_identity, c, msg, fatal});
     publish("error", std::string(to_string(c)) + ": " + msg, 0);
   }
   void publish(const std::string& kind, const std::string& text, double value) {
@@ -217,8 +261,11 @@ struct session_state {
     if (cur.speech) t.audio_ms = double(logic.turn_samples()) / 16.0;
   }
 
-  void log_turn(const std::string& stop_reason) {
-    if (!o.env->store || !o.settings.log || !o.logger) return;
+  /// Sends the turn to the logger (request/response) and holds the turn_end
+  /// (and everything after it) until the store confirms the commit, or
+  /// store_commit_timeout_s passes: then the client gets a store_failed event
+  /// before the turn_end, and the server logs a warning.
+  void commit_turn(const std::string& stop_reason, const std::string& llm_version) {
     turn_record r;
     r.id = o.id;
     r.client_name = o.client_name;
@@ -229,19 +276,35 @@ struct session_state {
     r.answer = cur.answer;
     r.stop_reason = stop_reason;
     r.timings = cur.timings;
-    r.llm_version = o.env->llm_version;
+    r.llm_version = llm_version;
     r.encoder_version = cur.encoder_version.empty() ? o.env->encoder_version : cur.encoder_version;
     r.events = cur.events;
     r.transcript = cur.transcript;
     r.emotion = cur.emotion;
-    self->send(o.logger, std::move(r));
+    const uint64_t id = ++commits;
+    pending_commits.insert(id);
+    outbox.push_back({id, {}});
+    const auto timeout = std::chrono::milliseconds(int64_t(o.env->store_commit_timeout_s * 1000));
+    const int64_t turn = cur.n;
+    self->request(o.logger, timeout, std::move(r))
+        .then([this, id](int64_t) { resolve_commit(id); },
+              [this, id, turn](caf::error& e) {
+                const std::string why = self->system().render(e);
+                std::cerr << "undertone session " << o.id << ": turn " << turn
+                          << " not confirmed by the session store (" << why << "); turn_end sent anyway\n";
+                resolve_commit(id, [this, turn, why]() {
+                  self->send(o.gateway, to_client_event{o.client_identity, turn, "store_failed", why, 0});
+                });
+              });
   }
 
+  /// The turn's end: stored (unless the store is off or the session opted
+  /// out), then turn_end to the client.
   void send_turn_end(const std::string& text, const std::string& stop_reason, const std::string& llm_version) {
     fill_timings();
-    self->send(o.gateway, to_client_turn_end{o.client_identity, cur.n, text, stop_reason, cur.timings,
-                                             llm_version.empty() ? o.env->llm_version : llm_version,
-                                             cur.encoder_version});
+    const std::string ver = llm_version.empty() ? o.env->llm_version : llm_version;
+    if (storing()) commit_turn(stop_reason, ver);
+    to_gateway(to_client_turn_end{o.client_identity, cur.n, text, stop_reason, cur.timings, ver, cur.encoder_version});
   }
 
   /// Stops the running answer (barge-in or client cancel). The user's words
@@ -258,7 +321,6 @@ struct session_state {
     to_client_event_("cancelled", why);
     send_turn_end(cur.answer, "cancelled", {});
     publish("answer", cur.answer, -1);
-    log_turn("cancelled");
     cur.active = false;
   }
 
@@ -295,9 +357,16 @@ struct session_state {
     closed = true;
     self->send(o.llm, llm_close{o.id});
     self->send(o.encoder, encode_close{o.id});
-    if (notify_gateway) self->send(o.gateway, session_closed{o.client_identity, o.id});
+    if (notify_gateway) to_gateway(session_closed{o.client_identity, o.id});
     publish("closed", "", 0);
-    self->quit();
+    if (outbox.empty()) {
+      self->quit();
+      return;
+    }
+    // A turn_end still waits for its commit: quit once it is sent; ignore the client meanwhile.
+    closing = true;
+    self->set_default_handler(caf::drop);
+    self->become([](client_gone&) {});
   }
 };
 
@@ -316,8 +385,9 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
     } catch (...) {
     }
     auto& st = self->state;
-    self->send(st.o.gateway, to_client_error{st.o.client_identity, error_code::internal, "session: " + what, true});
+    st.to_gateway(to_client_error{st.o.client_identity, error_code::internal, "session: " + what, true});
     st.close();
+    st.flush_outbox(true);
     return caf::exit_reason::unhandled_exception;
   });
   self->send(s.o.encoder, encode_open{s.o.id});
@@ -356,8 +426,8 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
           // it already ended): answer so the client is never left waiting.
           if (st.logic.state() == turn_state::idle && !st.cur.active) {
             st.to_client_event_("no_speech", "end_turn but no speech was detected (see vad.threshold_db)");
-            self->send(st.o.gateway, to_client_turn_end{st.o.client_identity, st.cur.n, "", "no_speech", {},
-                                                        st.o.env->llm_version, {}});
+            st.to_gateway(to_client_turn_end{st.o.client_identity, st.cur.n, "", "no_speech", {},
+                                             st.o.env->llm_version, {}});
           }
           return;
         }
@@ -420,15 +490,16 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
           st.cur.emotion = m.emotion;
           return;
         }
-        if (!st.o.env->store || !st.o.settings.log || !st.o.logger) return;
-        turn_record r;  // a late label for a stored turn: its own line
+        if (!st.storing()) return;
+        turn_record r;  // a late label for a stored turn (logger.hpp)
         r.id = st.o.id;
         r.client_name = st.o.client_name;
         r.turn = m.turn < 0 ? st.cur.n : m.turn;
         r.stop_reason = "annotation";
         r.transcript = m.transcript;
         r.emotion = m.emotion;
-        self->send(st.o.logger, std::move(r));
+        // Failures (unknown turn) are logged by the logger; nothing to tell the client.
+        self->request(st.o.logger, std::chrono::seconds(30), std::move(r)).then([](int64_t) {}, [](caf::error&) {});
       },
       [=](client_gone&) { self->state.close(); },
       // ---------------------------------------------------------- encoder
@@ -474,7 +545,7 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
           st.event_line("first_token");
         }
         c.answer += d.text;
-        self->send(st.o.gateway, to_client_delta{st.o.client_identity, c.n, d.text});
+        st.to_gateway(to_client_delta{st.o.client_identity, c.n, d.text});
         st.publish("answer_delta", d.text, 0);
       },
       [=](llm_done& d) {
@@ -496,7 +567,6 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
         st.history.push_back(past_turn{std::move(st.open_user), d.text, d.tokens});
         st.open_user.clear();
         st.turn_part_index = 0;
-        st.log_turn(d.stop_reason);
         c.active = false;
         st.logic.answer_finished();
       },
@@ -517,7 +587,6 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
         if (!c.active || f.turn != c.n) return;
         st.to_client_error_(f.code, "answer failed: " + f.message);
         st.send_turn_end(c.answer, "error", {});
-        st.log_turn("error");
         // The user's words stay for the next turn; the slot is rebuilt from the history.
         st.user_open = true;
         st.need_rebuild = true;
@@ -559,7 +628,6 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
           if (c.active && c.generating) {
             st.to_client_error_(error_code::worker_lost, "the LLM worker restarted; the answer is lost");
             st.send_turn_end(c.answer, "error", {});
-            st.log_turn("error");
             st.user_open = true;
             c.active = false;
             st.logic.answer_finished();

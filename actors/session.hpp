@@ -18,6 +18,9 @@ struct session_env {
   std::string models;            ///< "llm=...; encoder=..." for the welcome frame
   double idle_timeout_s = 300;   ///< no client message for this long: the session closes
   bool store = true;             ///< store.enabled (a session may still opt out: settings.log)
+  /// How long a turn_end waits for the logger's commit before it is sent anyway
+  /// (with a store_failed event; docs/store.md).
+  double store_commit_timeout_s = 5;
 };
 
 struct session_options {
@@ -34,7 +37,8 @@ struct session_options {
 /// llm_failed (worker), inject_message, subscribe_events / unsubscribe_events
 /// and component_restarted (supervisor). It sends to_client_* and
 /// session_closed to the gateway, session_event to subscribers, turn_record to
-/// the logger, and quits after client_gone (or idle timeout, or a fatal error).
+/// the logger (a request: a stored turn's turn_end waits for the commit), and
+/// quits after client_gone (or idle timeout, or a fatal error).
 caf::actor spawn_session(caf::actor_system& sys, session_options opt);
 
 }  // namespace undertone::actors

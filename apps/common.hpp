@@ -40,6 +40,8 @@ void add_data_command(CLI::App& app, global_options& g);
 void add_send_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_send.cpp
 void add_talk_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_talk.cpp
 void add_serve_command(CLI::App& app, global_options& g);  ///< (engine) apps/cmd_serve.cpp
+void add_sessions_command(CLI::App& app, global_options& g);  ///< (store) apps/cmd_sessions.cpp
+void add_annotate_command(CLI::App& app, global_options& g);  ///< (store) apps/cmd_sessions.cpp
 
 /// The LLM options and generation request that the config describes (model
 /// resolved in the cache).

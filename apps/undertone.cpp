@@ -42,6 +42,8 @@ int main(int argc, char** argv) {
   apps::add_send_command(app, g);
   apps::add_talk_command(app, g);
   apps::add_serve_command(app, g);
+  apps::add_sessions_command(app, g);
+  apps::add_annotate_command(app, g);
 
   // Logging is set up before any subcommand runs, from the effective config.
   app.parse_complete_callback([&g] {

@@ -12,6 +12,7 @@
 
 #include "actors/engine.hpp"
 #include "models/audio.hpp"
+#include "models/session_store.hpp"
 #include "support.hpp"
 #include "transport/client.hpp"
 #include "transport/gateway.hpp"
@@ -250,17 +251,15 @@ BOOST_AUTO_TEST_CASE(serve_end_to_end) {
     BOOST_TEST(n == before);
   }
 
-  // ---- the logger stored the turns (JSONL + FLAC)
+  // ---- the logger stored the turns (session store: SQLite index + FLAC)
   {
-    std::ifstream in(fs::path(srv.store.str()) / "turns.jsonl");
-    std::string line;
-    int lines = 0, with_audio = 0;
-    while (std::getline(in, line)) {
-      ++lines;
-      auto j = nlohmann::json::parse(line);
-      if (j.contains("audio") && fs::exists(fs::path(srv.store.str()) / j["audio"].get<std::string>())) ++with_audio;
-    }
-    BOOST_TEST(lines >= 7);
+    models::session_store st(srv.store.str());
+    auto turns = st.turns();
+    int with_audio = 0;
+    for (auto& t : turns)
+      if (!t.audio.empty() && fs::exists(t.audio)) ++with_audio;
+    BOOST_TEST(turns.size() >= 7u);
     BOOST_TEST(with_audio >= 4);
+    BOOST_TEST(st.integrity_check() == "ok");
   }
 }
