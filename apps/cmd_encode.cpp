@@ -25,13 +25,6 @@ struct encode_flags {
   bool json = false;
 };
 
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, size_t(p / 100.0 * double(v.size() - 1) + 0.5));
-  return v[i];
-}
-
 nlohmann::json encode_file(const models::speech_encoder& enc, const std::string& path) {
   using clk = std::chrono::steady_clock;
   const auto audio = models::load_audio(path);  // throws audio_error naming the file

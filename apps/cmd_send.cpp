@@ -35,6 +35,7 @@ struct send_flags {
   double connect_timeout_s = 10;
   double answer_timeout_s = 120;
   double trailing_silence_s = 1.5;  // --end-turn server: silence after each file so the endpoint fires
+  double stagger_ms = 0;       // session i starts i * stagger_ms after the first
 };
 
 /// One finished turn as the client saw it.
@@ -54,22 +55,6 @@ struct run_state {
   bool inline_output = true;   // one session: deltas are printed as they come
 };
 
-/// A client endpoint for a bind endpoint ("tcp://*:5555" -> "tcp://127.0.0.1:5555").
-std::string connectable(std::string ep) {
-  for (const std::string wild : {"//*:", "//0.0.0.0:"}) {
-    auto p = ep.find(wild);
-    if (p != std::string::npos) ep.replace(p, wild.size(), "//127.0.0.1:");
-  }
-  return ep;
-}
-
-double percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  const size_t i = std::min(v.size() - 1, size_t(p / 100.0 * double(v.size() - 1) + 0.5));
-  return v[i];
-}
-
 /// One session: connect, stream every file (then the text turn), bye.
 class session_runner {
  public:
@@ -78,6 +63,8 @@ class session_runner {
       : index_(index), fl_(fl), audio_(audio), c_(&ctx), rs_(rs), tag_("[s" + std::to_string(index) + "] ") {}
 
   void run() {
+    // Staggered starts: real users do not all stop talking in the same 20 ms.
+    if (fl_.stagger_ms > 0) std::this_thread::sleep_for(ms_d(fl_.stagger_ms * double(index_ - 1)));
     try {
       const auto w = c_.connect(fl_.server, "undertone-send/" + std::to_string(index_),
                                 std::chrono::milliseconds(int64_t(fl_.connect_timeout_s * 1000)));
@@ -279,6 +266,11 @@ void add_send_command(CLI::App& app, global_options& g) {
   cmd->add_option("--end-turn", fl.end_turn, "who ends a turn: client or server")
       ->capture_default_str()
       ->check(CLI::IsMember({"client", "server"}));
+  cmd->add_option("--stagger-ms", fl.stagger_ms,
+                  "start session i this many ms after session i-1 (0 = all at once: every turn ends in the same "
+                  "instant, the worst case)")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 60000.0));
   cmd->add_option("--text", fl.text, "a text turn after the files (or instead of them)");
   cmd->add_option("--system", fl.system, "system prompt for the sessions");
   cmd->add_option("--timeout-s", fl.connect_timeout_s, "wait this long for the server's welcome")
@@ -294,7 +286,7 @@ void add_send_command(CLI::App& app, global_options& g) {
       exit_code() = 2;
       return;
     }
-    if (fl.server.empty()) fl.server = connectable(cfg.server.bind);
+    if (fl.server.empty()) fl.server = connectable_endpoint(cfg.server.bind);
     std::vector<models::audio> audio;
     for (const auto& f : fl.files) {
       try {

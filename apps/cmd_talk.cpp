@@ -118,14 +118,6 @@ int on_audio(void*, void* input, unsigned int frames, double, RtAudioStreamStatu
   return 0;
 }
 
-std::string connectable(std::string ep) {
-  for (const std::string wild : {"//*:", "//0.0.0.0:"}) {
-    auto p = ep.find(wild);
-    if (p != std::string::npos) ep.replace(p, wild.size(), "//127.0.0.1:");
-  }
-  return ep;
-}
-
 int talk(const talk_flags& fl, const config::undertone_config& cfg) {
   const bool debug = cfg.general.log_level == "debug" || cfg.general.log_level == "trace";
   std::vector<std::string> api_names;
@@ -171,7 +163,7 @@ int talk(const talk_flags& fl, const config::undertone_config& cfg) {
   const size_t chunk = rate / 50;  // 20 ms
 
   transport::client c;
-  const std::string server = fl.server.empty() ? connectable(cfg.server.bind) : fl.server;
+  const std::string server = fl.server.empty() ? connectable_endpoint(cfg.server.bind) : fl.server;
   try {
     const auto w = c.connect(server, "undertone-talk",
                              std::chrono::milliseconds(int64_t(fl.connect_timeout_s * 1000)));

@@ -1,5 +1,7 @@
 #include "apps/common.hpp"
 
+#include <algorithm>
+
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <unistd.h>
@@ -40,6 +42,21 @@ void reexec_with_runtime_env(int argc, char** argv) {
 int& exit_code() {
   static int code = 0;
   return code;
+}
+
+std::string connectable_endpoint(std::string ep) {
+  for (const std::string wild : {"//*:", "//0.0.0.0:"}) {
+    auto p = ep.find(wild);
+    if (p != std::string::npos) ep.replace(p, wild.size(), "//127.0.0.1:");
+  }
+  return ep;
+}
+
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return -1;
+  std::sort(v.begin(), v.end());
+  const size_t i = std::min(v.size() - 1, size_t(p / 100.0 * double(v.size() - 1) + 0.5));
+  return v[i];
 }
 
 }  // namespace undertone::apps

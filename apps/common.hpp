@@ -42,6 +42,7 @@ void add_talk_command(CLI::App& app, global_options& g);  ///< (transport) apps/
 void add_serve_command(CLI::App& app, global_options& g);  ///< (engine) apps/cmd_serve.cpp
 void add_sessions_command(CLI::App& app, global_options& g);  ///< (store) apps/cmd_sessions.cpp
 void add_annotate_command(CLI::App& app, global_options& g);  ///< (store) apps/cmd_sessions.cpp
+void add_replay_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_replay.cpp
 
 /// The LLM options and generation request that the config describes (model
 /// resolved in the cache).
@@ -52,6 +53,13 @@ models::generation_request request_from(const config::undertone_config& cfg);
 /// (OpenMP wait policy, OpenBLAS kernels), which only take effect at process
 /// start. No-op when nothing is missing or UNDERTONE_NO_REEXEC is set.
 void reexec_with_runtime_env(int argc, char** argv);
+
+/// A client endpoint for a bind endpoint: a wildcard host becomes loopback
+/// ("tcp://*:5555" or "tcp://0.0.0.0:5555" -> "tcp://127.0.0.1:5555").
+std::string connectable_endpoint(std::string bind);
+
+/// The p-th percentile (0..100, nearest rank) of `v`; -1 when `v` is empty.
+double percentile(std::vector<double> v, double p);
 
 /// Exit code set by a subcommand callback (callbacks cannot return one).
 int& exit_code();

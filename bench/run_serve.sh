@@ -9,6 +9,8 @@
 #   (d) peak RSS of the server (VmHWM)
 # Usage: bench/run_serve.sh [SESSIONS...]   (default: 1 4 16)
 #        SERVE_SET="llm.dtype=bf16 ..." bench/run_serve.sh 16   (extra --set for the server)
+#        SEND_ARGS="--stagger-ms 220" bench/run_serve.sh 16     (extra flags for `undertone send`;
+#          --stagger-ms spreads the session starts so that turns do not all end in the same instant)
 # Results: printed as a markdown table; copy into bench/RESULTS.md with date,
 # machine and load.
 set -euo pipefail
@@ -36,7 +38,7 @@ for n in "${sessions[@]}"; do
     spid=$!
     for _ in $(seq 1 120); do grep -q "ready on" "$tmp/serve.log" && break; sleep 0.5; done
     "$u" --log-level warn send "${clips[@]}" --server "tcp://127.0.0.1:$port" --sessions "$n" --speed 1 \
-      --end-turn "$mode" > "$tmp/send.log" 2>&1 || true
+      --end-turn "$mode" ${SEND_ARGS:-} > "$tmp/send.log" 2>&1 || true
     rss=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$spid/status)
     kill -INT $spid; wait $spid || true
     if [ "$mode" = client ]; then

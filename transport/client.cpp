@@ -175,4 +175,75 @@ std::optional<server_message> client::receive(std::chrono::milliseconds timeout)
   }
 }
 
+
+turn_outcome run_turn(client& c, const turn_input& in, const std::function<void(const delta_msg&)>& on_delta) {
+  using clk = std::chrono::steady_clock;
+  using ms_d = std::chrono::duration<double, std::milli>;
+  turn_outcome out;
+  clk::time_point end_sent{};
+  bool first_seen = false, fatal = false;
+  auto handle = [&](const server_message& m) {
+    if (auto* d = std::get_if<delta_msg>(&m)) {
+      if (!first_seen && end_sent != clk::time_point{}) {
+        first_seen = true;
+        out.first_token_ms = ms_d(clk::now() - end_sent).count();
+      }
+      if (on_delta) on_delta(*d);
+    } else if (auto* t = std::get_if<turn_end_msg>(&m)) {
+      out.completed = true;
+      out.turn = t->turn;
+      out.answer = t->text;
+      out.stop_reason = t->stop_reason;
+      out.timings = t->timings;
+      out.llm_version = t->llm_version;
+      out.encoder_version = t->encoder_version;
+      out.answer_ms = ms_d(clk::now() - end_sent).count();
+    } else if (auto* e = std::get_if<error_msg>(&m)) {
+      out.errors.push_back(*e);
+      if (e->fatal) fatal = true;
+    } else if (auto* ev = std::get_if<event_msg>(&m)) {
+      out.events.push_back(*ev);
+    }
+  };
+  auto pump_until = [&](clk::time_point until) {
+    while (!fatal) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(until - clk::now());
+      auto m = c.receive(std::max(left, std::chrono::milliseconds(0)));
+      if (!m) return;
+      handle(*m);
+    }
+  };
+
+  if (!in.samples.empty()) {
+    const size_t ch = size_t(std::max(in.channels, 1));
+    const size_t piece = std::max<size_t>(1, size_t(in.sample_rate * in.chunk_ms / 1000)) * ch;
+    const auto t0 = clk::now();
+    const double chunk_ms = in.speed > 0 ? double(in.chunk_ms) / in.speed : 0.0;
+    size_t k = 0;
+    for (size_t off = 0; off < in.samples.size() && !fatal; off += piece, ++k) {
+      pump_until(t0 + std::chrono::duration_cast<clk::duration>(ms_d(chunk_ms * double(k))));
+      c.send_audio(in.samples.data() + off, std::min(piece, in.samples.size() - off), in.sample_rate, in.channels);
+    }
+    pump_until(t0 + std::chrono::duration_cast<clk::duration>(ms_d(chunk_ms * double(k))));
+    if (!in.transcript.empty() || !in.emotion.empty()) c.annotate(in.transcript, in.emotion);
+    if (!fatal) {
+      c.end_turn();
+      end_sent = clk::now();
+    }
+  } else {
+    c.send_text(in.text);
+    end_sent = clk::now();
+  }
+  const auto deadline = clk::now() + in.answer_timeout;
+  while (!out.completed && !fatal && clk::now() < deadline) {
+    if (auto m = c.receive(std::chrono::milliseconds(50))) handle(*m);
+  }
+  if (out.completed && in.samples.empty() && (!in.transcript.empty() || !in.emotion.empty()))
+    c.annotate(in.transcript, in.emotion, out.turn);
+  if (!out.completed)
+    out.failure = fatal ? "the server closed the session: " + (out.errors.empty() ? std::string("?") : out.errors.back().message)
+                        : "no turn_end within " + std::to_string(in.answer_timeout.count()) + " ms";
+  return out;
+}
+
 }  // namespace undertone::transport

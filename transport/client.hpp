@@ -17,10 +17,12 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "transport/protocol.hpp"
 
@@ -98,5 +100,45 @@ class client {
   uint64_t session_ = 0;
   uint64_t seq_ = 0;
 };
+
+
+/// One user turn for run_turn(): audio (samples non-empty) or text.
+struct turn_input {
+  std::vector<float> samples;   ///< interleaved, any rate/channels (the server resamples)
+  int32_t sample_rate = 16000;
+  int32_t channels = 1;
+  std::string text;             ///< a text turn when `samples` is empty
+  double speed = 1.0;           ///< 1 = stream at real time, 2 = twice as fast, 0 = as fast as possible
+  int64_t chunk_ms = 20;        ///< audio per frame
+  /// Labels stored with the turn (annotate frame; sent before end_turn for
+  /// audio turns, after the answer for text turns). Empty: none sent.
+  std::string transcript, emotion;
+  std::chrono::milliseconds answer_timeout{120000};
+};
+
+/// The turn as the client saw it.
+struct turn_outcome {
+  bool completed = false;        ///< a turn_end arrived (false: timeout, see `failure`)
+  int64_t turn = -1;
+  std::string answer;            ///< turn_end's text (equals the concatenated deltas)
+  std::string stop_reason;
+  /// Client clock: end_turn (or text) sent -> first delta, ms; -1 if no delta.
+  double first_token_ms = -1;
+  double answer_ms = 0;          ///< end_turn sent -> turn_end, ms
+  actors::turn_timings timings;  ///< the server's own measurements
+  std::string llm_version, encoder_version;
+  std::vector<error_msg> errors; ///< non-fatal errors/warnings during the turn
+  std::vector<event_msg> events;
+  std::string failure;           ///< why not completed ("" if completed)
+};
+
+/// Runs one client-ended turn on a connected client: streams the audio in
+/// chunk_ms frames paced by `speed` (frames from the server are handled while
+/// streaming), sends end_turn (or the text), waits for turn_end or the timeout.
+/// Deltas go to `on_delta` as they arrive. A fatal error frame ends the turn
+/// with completed = false. Requires a session with server VAD off (the config
+/// frame's vad = false), so that the turn ends exactly where the input does.
+turn_outcome run_turn(client& c, const turn_input& in,
+                      const std::function<void(const delta_msg&)>& on_delta = {});
 
 }  // namespace undertone::transport
