@@ -45,6 +45,10 @@ void register_message_types(caf::actor_system_config& cfg) {
   UT_ADD(component_restarted);
   UT_ADD(llm_mark);
   UT_ADD(llm_rewind);
+  UT_ADD(finetune_now);
+  UT_ADD(encoder_published);
+  UT_ADD(finetune_status);
+  UT_ADD(finetune_round_done);
   UT_ADD(error_code);
 #undef UT_ADD
 }

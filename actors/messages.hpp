@@ -8,6 +8,7 @@
 //   session --llm_*--> llm worker --llm_delta/llm_done/llm_failed--> session
 //   session --to_client_*--> gateway (-> client)      session --turn_record--> logger
 //   session --session_event--> subscribers (custom actors)
+//   finetune actor --encoder_published--> its target (supervisor: encoder swap)
 //
 // Torch-free and ZeroMQ-free: transport/ includes this header to translate
 // frames into these messages and back.
@@ -268,11 +269,47 @@ struct component_restarted { std::string which; caf::actor actor; };
 struct llm_mark { session_id id = 0; int32_t mark = 0; };
 struct llm_rewind { session_id id = 0; int32_t mark = 0; };
 
+// ------------------------------------------- online fine-tuning (issue 7) ----
+/// Any actor -> finetune actor (actors/finetune_actor.hpp): run a round now;
+/// force = even with fewer than finetune.min_new_turns new annotated turns.
+/// Replies true if a round started, false if one is already running.
+struct finetune_now { bool force = false; };
+/// Finetune actor -> its target (the supervisor, which swaps the encoders): a
+/// gated candidate was published as `version`; `projector_path` is its file.
+struct encoder_published {
+  std::string version;
+  std::string projector_path;
+};
+/// Reply to finetune_status_atom: what the finetune actor did last.
+struct finetune_status {
+  bool running = false;            ///< a round (or the data-source call) is in progress
+  int64_t rounds = 0;              ///< rounds that ran to a gate decision
+  int64_t published = 0;
+  int64_t rejected = 0;            ///< gate failed: candidate not published
+  int64_t skipped = 0;             ///< too few new annotated turns
+  int64_t errors = 0;              ///< data source or round threw
+  int64_t turns_at_last_round = 0; ///< annotated turns the last attempted round saw
+  std::string last_outcome;        ///< published | rejected | passed | skipped | error | "" (nothing yet)
+  std::string last_error;          ///< message of the last error ("" after a later success)
+  std::string last_result;         ///< JSON of the last round that ran (finetune_result::to_json), or ""
+  std::string current_projector;   ///< where the next round starts
+};
+/// Finetune actor's worker thread -> the actor: one trigger is finished.
+struct finetune_round_done {
+  std::string outcome;             ///< as finetune_status::last_outcome
+  std::string error;
+  std::string result;              ///< finetune_result JSON ("" when no round ran)
+  std::string version;             ///< published version
+  std::string projector;           ///< candidate file
+  int64_t turns = -1;              ///< annotated turns reported by the data source (-1: it threw)
+};
+
 /// Atoms of the engine's internal loops.
 using tick_atom = caf::atom_constant<caf::atom("tick")>;          ///< llm worker: run one step
 using flush_atom = caf::atom_constant<caf::atom("flush")>;        ///< encoder: max_wait_ms elapsed
 using idle_check_atom = caf::atom_constant<caf::atom("idlechk")>;  ///< session: idle timeout check
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        ///< supervisor: ask for counters
+using finetune_status_atom = caf::atom_constant<caf::atom("ftstatus")>;  ///< finetune actor: -> finetune_status
 
 /// Registers every type above with CAF (call once on the actor_system_config).
 void register_message_types(caf::actor_system_config& cfg);
@@ -337,6 +374,11 @@ UT_INSPECT(inject_message, x.id, x.text, x.as_system)
 UT_INSPECT(component_restarted, x.which, x.actor)
 UT_INSPECT(llm_mark, x.id, x.mark)
 UT_INSPECT(llm_rewind, x.id, x.mark)
+UT_INSPECT(finetune_now, x.force)
+UT_INSPECT(encoder_published, x.version, x.projector_path)
+UT_INSPECT(finetune_status, x.running, x.rounds, x.published, x.rejected, x.skipped, x.errors,
+           x.turns_at_last_round, x.last_outcome, x.last_error, x.last_result, x.current_projector)
+UT_INSPECT(finetune_round_done, x.outcome, x.error, x.result, x.version, x.projector, x.turns)
 
 #undef UT_INSPECT
 #undef UT_INSPECT_EMPTY

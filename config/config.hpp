@@ -91,6 +91,19 @@ struct finetune_config {
   double learning_rate = 1e-4;
   int64_t steps_per_round = 200;
   double gate_margin = 0.01;  ///< publish only if val metric >= current - margin
+  std::string gate_metric = "val_loss";  ///< val_loss | ranking | both (docs/finetune.md)
+  int64_t batch = 4;                     ///< examples per training step
+  double replay_ratio = 0.5;             ///< share of every batch from the replay buffer
+  std::string replay_manifests;          ///< comma-separated original training manifests
+  std::string val_manifest;              ///< comma-separated held-out manifests (split val/test rows)
+  int64_t max_val = 0;                   ///< held-out utterances used by the gate; 0 = all
+  int64_t max_response_tokens = 32;      ///< teacher answer cap (as the projector was trained)
+  int64_t threads = 1;                   ///< LibTorch threads of a round
+  int64_t nice = 19;                     ///< nice of a round's threads (0 = unchanged)
+  int64_t interval_s = 3600;             ///< seconds between automatic rounds; 0 = on demand only
+  int64_t min_new_turns = 20;            ///< new annotated turns needed for a round
+  std::string out_dir;                   ///< rounds; "" = <model_home>/finetune
+  std::string cache_dir;                 ///< teacher answers + features; "" = <model_home>/train-cache
 };
 
 /// The whole configuration. Defaults are the embedded default server.

@@ -1051,6 +1051,7 @@ double alignment_trainer::train(int64_t stop_at) {
         std::snprintf(info, sizeof info, "loss %.3f val %.3f", ema, last_val_);
       bar.update(step_, opt_.steps, first, info);
     }
+    if (on_step && !on_step(step_, loss)) break;
   }
   if (step_ == opt_.steps && (opt_.val_every <= 0 || step_ % opt_.val_every != 0) && step_ > first) run_val();
   if (!saved && step_ > first) save_checkpoint();

@@ -414,6 +414,11 @@ class alignment_trainer {
   /// Test hook: called after each checkpoint file is written inside the
   /// temporary directory (name of the file); throwing from it simulates a crash.
   std::function<void(const std::string&)> on_checkpoint_file;
+  /// Called after every optimizer step with the new step count and that step's
+  /// train loss; returning false stops train() after this step (the stop is
+  /// handled as reaching `stop_at`: a checkpoint is written). Progress and
+  /// cancellation for callers such as the online fine-tuner (models/finetune.hpp).
+  std::function<bool(int64_t step, double loss)> on_step;
 
  private:
   int phase_at(int64_t step) const;
