@@ -1,19 +1,26 @@
 // The one-process engine (actors/engine.hpp).
 #include "actors/engine.hpp"
 
+#include <chrono>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <random>
+#include <thread>
+
+#include <nlohmann/json.hpp>
 
 #include "actors/encoder_actor.hpp"
 #include "actors/llm_worker.hpp"
 #include "actors/logger.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
+#include "models/gguf.hpp"
 #include "models/llm_engine.hpp"
 #include "models/model_store.hpp"
 #include "models/runtime.hpp"
 #include "models/speech_encoder.hpp"
+#include "models/tokenizer.hpp"
 
 namespace undertone::actors {
 
@@ -55,10 +62,80 @@ std::string resolve_projector(const config::undertone_config& cfg) {
   }
 }
 
+llm_identity identify_llm(const config::undertone_config& cfg) {
+  const std::string home = config::resolve_model_home(cfg);
+  llm_identity id;
+  id.path = models::resolve_model_path(home, cfg.llm.model);
+  const fs::path path(id.path);
+  // Same naming and size rule as models/nn/llm_common.cpp (load_llm), so the
+  // version equals what a worker loading this file reports in its hello.
+  std::string file_name = path.filename().string();
+  if (file_name.empty()) file_name = path.parent_path().filename().string();
+  uintmax_t bytes = 0;
+  std::unique_ptr<models::tokenizer> tok;
+  try {
+    if (fs::is_directory(path)) {
+      std::error_code ec;
+      for (const auto& e : fs::directory_iterator(path, ec))
+        if (e.is_regular_file(ec)) bytes += e.file_size(ec);
+      tok = models::tokenizer::from_hf_dir(id.path);
+      std::ifstream in(path / "config.json");
+      const auto j = nlohmann::json::parse(in);
+      id.d_model = j.at("hidden_size").get<int64_t>();
+    } else {
+      bytes = fs::file_size(path);
+      models::gguf_file g(id.path);
+      tok = models::tokenizer::from_gguf(g);
+      id.d_model = g.get_int(g.get_string("general.architecture") + ".embedding_length");
+    }
+  } catch (const std::exception& e) {
+    throw std::runtime_error("cannot read the LLM's metadata from " + id.path + ": " + e.what());
+  }
+  id.version = file_name + "|" + std::to_string(bytes);
+  const std::string bos_text = tok->bos_id() >= 0 ? tok->piece(tok->bos_id()) : "<|begin_of_text|>";
+  id.templ = models::chat_template::select(cfg.llm.chat_template == "llama-3" ? "llama3" : cfg.llm.chat_template,
+                                           tok->chat_template_text(), bos_text);
+  return id;
+}
+
 namespace {
 struct system_config : caf::actor_system_config {
   system_config() { register_message_types(*this); }
 };
+
+/// Polls the hub until server.remote_workers workers are connected or
+/// server.worker_wait_s passed (logged either way).
+void wait_for_workers(caf::actor_system& sys, const caf::actor& hub, const config::undertone_config& cfg,
+                      const std::function<void(const std::string&)>& log) {
+  using clk = std::chrono::steady_clock;
+  const int64_t want = cfg.server.remote_workers;
+  const auto deadline = clk::now() + std::chrono::seconds(cfg.server.worker_wait_s);
+  auto next_log = clk::now();
+  caf::scoped_actor self{sys};
+  int64_t have = 0;
+  while (true) {
+    self->request(hub, std::chrono::seconds(5), stats_atom::value)
+        .receive([&](int64_t n) { have = n; }, [&](caf::error&) {});
+    if (have >= want) {
+      log("undertone engine: " + std::to_string(have) + " remote LLM worker(s) connected");
+      return;
+    }
+    const auto now = clk::now();
+    if (now >= deadline) {
+      log("WARNING: only " + std::to_string(have) + " of " + std::to_string(want) +
+          " remote LLM workers connected to " + cfg.server.worker_bind + " within server.worker_wait_s = " +
+          std::to_string(cfg.server.worker_wait_s) + " s; serving anyway (sessions go to workers as they connect)");
+      return;
+    }
+    if (now >= next_log) {
+      log("undertone engine: waiting for " + std::to_string(want - have) + " more remote LLM worker(s) on " +
+          cfg.server.worker_bind + " (`undertone worker --connect ...`)");
+      next_log = now + std::chrono::seconds(5);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+}
+
 }  // namespace
 
 struct engine::impl {
@@ -72,12 +149,16 @@ struct engine::impl {
 };
 
 engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
-               std::function<void(const std::string&)> log)
+               std::function<void(const std::string&)> log, llm_hub_factory remote_llm)
     : p_(std::make_unique<impl>()) {
   if (!log) log = [](const std::string& s) { std::cerr << s << "\n"; };
   const std::string home = config::resolve_model_home(cfg);
+  const bool remote = cfg.server.remote_workers > 0;
+  if (remote && !remote_llm)
+    throw std::runtime_error("server.remote_workers = " + std::to_string(cfg.server.remote_workers) +
+                             " but this program cannot host remote LLM workers (no hub factory); set it to 0");
 
-  // ---- LLM
+  // ---- LLM: loaded here, or only its identity when remote workers decode
   models::llm_engine_options lo;
   lo.llm.path = models::resolve_model_path(home, cfg.llm.model);
   lo.llm.device = cfg.llm.device;
@@ -88,13 +169,23 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   lo.llm.chat_template = cfg.llm.chat_template;
   lo.max_slots = cfg.llm.max_slots;
   lo.max_rows_per_step = cfg.llm.max_batch_rows;
-  auto llm = std::make_shared<models::llm_engine>(lo);
+  std::shared_ptr<models::llm_engine> llm;
+  llm_identity llm_id;
+  if (remote) {
+    llm_id = identify_llm(cfg);
+  } else {
+    llm = std::make_shared<models::llm_engine>(lo);
+    llm_id.path = lo.llm.path;
+    llm_id.version = llm->model_version();
+    llm_id.templ = llm->templ();
+    llm_id.d_model = llm->d_model();
+  }
 
   // ---- speech encoder
   models::speech_encoder_options eo;
   eo.model = models::resolve_model_path(home, cfg.encoder.model);
   eo.projector = resolve_projector(cfg);
-  eo.d_llm = llm->d_model();
+  eo.d_llm = llm_id.d_model;
   eo.device = cfg.encoder.device;
   eo.dtype = cfg.encoder.dtype;
   eo.chunk_ms = cfg.encoder.chunk_ms;
@@ -113,12 +204,17 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
                                   (eo.projector.empty() ? std::string("untrained-projector")
                                                         : fs::path(eo.projector).filename().string() + "|" +
                                                               std::to_string(fs::file_size(eo.projector)));
-  p_->models = "llm=" + llm->describe() + "; encoder=" + enc->describe();
+  const std::string llm_describe =
+      llm ? llm->describe()
+          : fs::path(llm_id.path).filename().string() + " (template " + llm_id.templ.name() + ", d " +
+                std::to_string(llm_id.d_model) + ", on " + std::to_string(cfg.server.remote_workers) +
+                " remote worker(s))";
+  p_->models = "llm=" + llm_describe + "; encoder=" + enc->describe();
 
   auto env = std::make_shared<session_env>();
-  env->templ = llm->templ();
+  env->templ = llm_id.templ;
   env->context_tokens = cfg.llm.context_tokens;
-  env->llm_version = llm->model_version();
+  env->llm_version = llm_id.version;
   env->encoder_version = enc_version;
   env->models = p_->models;
   env->idle_timeout_s = double(cfg.server.idle_timeout_s);
@@ -133,10 +229,6 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   ea.max_batch = cfg.encoder.max_batch;
   ea.max_wait_ms = cfg.encoder.max_wait_ms;
   auto respawn_encoder = [&sys, ea]() { return spawn_encoder_actor(sys, ea); };
-  llm_worker_options wo;
-  wo.factory = [lo]() { return std::make_shared<models::llm_engine>(lo); };
-  auto respawn_llm = [&sys, wo]() { return spawn_llm_worker(sys, wo); };
-  wo.engine = std::move(llm);
 
   std::string store_dir = cfg.store.dir.empty() ? (fs::path(home) / "sessions").string() : cfg.store.dir;
   supervisor_options so;
@@ -152,13 +244,29 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
     so.respawn_logger = [&sys, lg]() { return spawn_logger(sys, lg); };
   }
   so.encoder = spawn_encoder_actor(sys, ea);
-  so.llm = spawn_llm_worker(sys, std::move(wo));
+  if (remote) {
+    // The hub is not respawned: it owns the bound worker endpoint.
+    try {
+      so.llm = remote_llm(sys, llm_id);
+    } catch (...) {
+      caf::anon_send_exit(so.encoder, caf::exit_reason::user_shutdown);
+      if (so.logger) caf::anon_send_exit(so.logger, caf::exit_reason::user_shutdown);
+      throw;
+    }
+  } else {
+    llm_worker_options wo;
+    wo.factory = [lo]() { return std::make_shared<models::llm_engine>(lo); };
+    so.respawn_llm = [&sys, wo]() { return spawn_llm_worker(sys, wo); };
+    wo.engine = std::move(llm);
+    so.llm = spawn_llm_worker(sys, std::move(wo));
+  }
   so.respawn_encoder = respawn_encoder;
-  so.respawn_llm = respawn_llm;
+  const caf::actor llm_actor = so.llm;
   p_->supervisor = spawn_supervisor(sys, std::move(so));
   log("undertone engine: " + p_->models);
   log(std::string("undertone engine: session store ") + (cfg.store.enabled ? store_dir : "disabled"));
   for (auto& w : p_->warnings) log(w);
+  if (remote) wait_for_workers(sys, llm_actor, cfg, log);
   if (gateway) {
     try {
       p_->gateway = gateway(sys, p_->supervisor);

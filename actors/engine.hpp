@@ -19,11 +19,30 @@
 
 #include "actors/messages.hpp"
 #include "config/config.hpp"
+#include "models/chat_template.hpp"
 
 namespace undertone::actors {
 
 /// Makes the gateway once the supervisor exists. May throw (e.g. bind failed).
 using gateway_factory = std::function<caf::actor(caf::actor_system&, caf::actor supervisor)>;
+
+/// What the engine needs to know of its LLM, read from the model file's
+/// metadata (tokenizer, chat template, width) without loading the weights.
+struct llm_identity {
+  std::string path;              ///< resolved llm.model
+  std::string version;           ///< "<file>|<bytes>", as llm_engine::model_version()
+  models::chat_template templ;   ///< as the loaded LLM would select it (llm.chat_template)
+  int64_t d_model = 0;           ///< width of a speech row
+};
+/// Reads llm_identity for cfg.llm.model (GGUF file or HF directory); throws
+/// std::runtime_error naming the file when it cannot.
+llm_identity identify_llm(const config::undertone_config& cfg);
+
+/// With server.remote_workers > 0: makes the actor that stands in for the LLM
+/// worker (transport::spawn_worker_hub, given by apps/ so actors/ stays
+/// ZeroMQ-free). It must answer actors::stats_atom with the number of live
+/// workers (int64_t). May throw (e.g. bind failed).
+using llm_hub_factory = std::function<caf::actor(caf::actor_system&, const llm_identity&)>;
 
 /// The session defaults the config describes ([llm] system_prompt, [sampling], [vad]).
 session_settings session_settings_from(const config::undertone_config& cfg);
@@ -40,8 +59,15 @@ class engine {
   /// Loads the LLM and the speech encoder (seconds), then spawns the actors and
   /// the gateway. `log` receives human-readable lines (models, warnings); null:
   /// stderr. Throws std::exception (model not found, bind failure, ...).
+  ///
+  /// With server.remote_workers = N > 0 the LLM weights are not loaded here:
+  /// `remote_llm` makes the hub that sessions use instead of an in-process
+  /// worker, and the constructor waits up to server.worker_wait_s for N
+  /// workers to connect (logging who is missing), then serves anyway (with
+  /// fewer workers, or none: sessions then wait for one, see
+  /// transport/worker_link.hpp). Throws if N > 0 and `remote_llm` is empty.
   explicit engine(const config::undertone_config& cfg, gateway_factory gateway = {},
-                  std::function<void(const std::string&)> log = {});
+                  std::function<void(const std::string&)> log = {}, llm_hub_factory remote_llm = {});
   ~engine();
   engine(const engine&) = delete;
   engine& operator=(const engine&) = delete;

@@ -11,6 +11,7 @@
 #include "apps/common.hpp"
 #include "models/runtime.hpp"
 #include "transport/gateway.hpp"
+#include "transport/worker_link.hpp"
 
 namespace undertone::apps {
 
@@ -32,7 +33,9 @@ void add_serve_command(CLI::App& app, global_options& g) {
       "Binds server.bind (default tcp://127.0.0.1:5555: loopback only; use --bind tcp://0.0.0.0:5555 to\n"
       "accept other machines). Keys: [llm] (model, device, dtype, context_tokens, max_slots, system_prompt),\n"
       "[encoder] (model, projector, chunk_ms, max_batch, max_wait_ms), [sampling], [vad], [server]\n"
-      "(max_sessions, idle_timeout_s, max_frame_bytes), [store]. Without a trained projector\n"
+      "(max_sessions, idle_timeout_s, max_frame_bytes), [store]. With server.remote_workers = N > 0 the LLM\n"
+      "is not loaded here: `undertone worker --connect` processes decode (they connect to\n"
+      "server.worker_bind; serve waits up to server.worker_wait_s for N of them). Without a trained projector\n"
       "(encoder.projector = \"\" and no \"undertone-projector\" in the model cache) an untrained one is\n"
       "used: the pipeline runs, answers to speech are nonsense. Ctrl-C shuts down cleanly.");
   cmd->add_option("--bind", f.bind, "client endpoint (= --set server.bind=...), e.g. tcp://127.0.0.1:5555");
@@ -49,19 +52,33 @@ void add_serve_command(CLI::App& app, global_options& g) {
     pthread_sigmask(SIG_BLOCK, &stop, nullptr);
     auto gw_opt = transport::gateway_options::from(cfg.server);
     gw_opt.default_settings = actors::session_settings_from(cfg);
-    std::string endpoint;
+    std::string endpoint, worker_endpoint;
     std::unique_ptr<actors::engine> eng;
     try {
       spdlog::info("loading models (llm {}, encoder {})", cfg.llm.model, cfg.encoder.model);
+      auto log = [](const std::string& line) {
+        if (line.rfind("WARNING", 0) == 0)
+          spdlog::warn("{}", line);
+        else
+          spdlog::info("{}", line);
+      };
+      actors::llm_hub_factory hub;
+      if (cfg.server.remote_workers > 0) {
+        hub = [&](caf::actor_system& sys, const actors::llm_identity& id) {
+          auto o = transport::worker_hub_options::from(cfg.server);
+          o.llm_version = id.version;
+          o.chat_template = id.templ.name();
+          o.d_model = id.d_model;
+          o.log = log;
+          auto h = transport::spawn_worker_hub(sys, o, &worker_endpoint);
+          spdlog::info("remote LLM workers connect to {}", worker_endpoint);
+          return h;
+        };
+      }
       eng = std::make_unique<actors::engine>(
           cfg,
           [&](caf::actor_system& sys, caf::actor sup) { return transport::spawn_gateway(sys, gw_opt, sup, &endpoint); },
-          [](const std::string& line) {
-            if (line.rfind("WARNING", 0) == 0)
-              spdlog::warn("{}", line);
-            else
-              spdlog::info("{}", line);
-          });
+          log, hub);
     } catch (const std::exception& e) {
       std::cerr << "error: " << e.what() << "\n";
       pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);

@@ -44,6 +44,7 @@ void add_sessions_command(CLI::App& app, global_options& g);  ///< (store) apps/
 void add_annotate_command(CLI::App& app, global_options& g);  ///< (store) apps/cmd_sessions.cpp
 void add_replay_command(CLI::App& app, global_options& g);  ///< (transport) apps/cmd_replay.cpp
 void add_finetune_command(CLI::App& app, global_options& g);  ///< (issue 7) apps/cmd_finetune.cpp
+void add_worker_command(CLI::App& app, global_options& g);  ///< (remote LLM worker) apps/cmd_worker.cpp
 
 /// The LLM options and generation request that the config describes (model
 /// resolved in the cache).

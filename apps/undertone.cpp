@@ -46,6 +46,7 @@ int main(int argc, char** argv) {
   apps::add_annotate_command(app, g);
   apps::add_replay_command(app, g);
   apps::add_finetune_command(app, g);
+  apps::add_worker_command(app, g);
 
   // Logging is set up before any subcommand runs, from the effective config.
   app.parse_complete_callback([&g] {

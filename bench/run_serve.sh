@@ -11,6 +11,8 @@
 #        SERVE_SET="llm.dtype=bf16 ..." bench/run_serve.sh 16   (extra --set for the server)
 #        SEND_ARGS="--stagger-ms 220" bench/run_serve.sh 16     (extra flags for `undertone send`;
 #          --stagger-ms spreads the session starts so that turns do not all end in the same instant)
+#        WORKERS=1 bench/run_serve.sh 1   (LLM in N `undertone worker` processes on loopback,
+#                                          server.remote_workers = N; RSS = server + workers)
 # Results: printed as a markdown table; copy into bench/RESULTS.md with date,
 # machine and load.
 set -euo pipefail
@@ -33,6 +35,14 @@ for n in "${sessions[@]}"; do
   for mode in client server; do
     extra=()
     for kv in ${SERVE_SET:-}; do extra+=(--set "$kv"); done
+    wpids=()
+    if [ "${WORKERS:-0}" -gt 0 ]; then
+      extra+=(--set "server.remote_workers=$WORKERS" --set "server.worker_bind=tcp://127.0.0.1:$((port + 1))")
+      for w in $(seq 1 "$WORKERS"); do
+        "$u" --log-level warn "${extra[@]}" worker --name "bench-$w" > "$tmp/worker-$w.log" 2>&1 &
+        wpids+=($!)
+      done
+    fi
     "$u" --log-level warn --set store.enabled=false --set sampling.max_tokens=32 "${extra[@]}" \
       --set server.max_sessions=64 serve --bind "tcp://127.0.0.1:$port" > "$tmp/serve.log" 2>&1 &
     spid=$!
@@ -40,7 +50,9 @@ for n in "${sessions[@]}"; do
     "$u" --log-level warn send "${clips[@]}" --server "tcp://127.0.0.1:$port" --sessions "$n" --speed 1 \
       --end-turn "$mode" ${SEND_ARGS:-} > "$tmp/send.log" 2>&1 || true
     rss=$(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$spid/status)
+    for w in "${wpids[@]}"; do rss=$((rss + $(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$w/status))); done
     kill -INT $spid; wait $spid || true
+    for w in "${wpids[@]}"; do kill -INT "$w"; wait "$w" || true; done
     if [ "$mode" = client ]; then
       line=$(grep "^summary: [0-9]* session" "$tmp/send.log" || true)
       p50=$(echo "$line" | sed -n 's/.*first token p50 \([0-9]*\) ms.*/\1/p')

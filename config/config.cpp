@@ -114,6 +114,8 @@ const std::vector<field>& fields() {
     integer("server", "max_frame_bytes", UT_FIELD(server, max_frame_bytes), 1024, 64 << 20);
     integer("server", "max_frames_per_second", UT_FIELD(server, max_frames_per_second), 1, 100000);
     integer("server", "remote_workers", UT_FIELD(server, remote_workers), 0, 1024);
+    integer("server", "worker_wait_s", UT_FIELD(server, worker_wait_s), 0, 3600);
+    integer("server", "worker_timeout_s", UT_FIELD(server, worker_timeout_s), 1, 600);
     integer("server", "idle_timeout_s", UT_FIELD(server, idle_timeout_s), 1, 86400);
 
     boolean("store", "enabled", UT_FIELD(store, enabled));

@@ -76,6 +76,8 @@ struct server_config {
   int64_t max_frame_bytes = 1048576;  ///< larger frames are refused
   int64_t max_frames_per_second = 200; ///< per client
   int64_t remote_workers = 0;          ///< 0 = decode in-process
+  int64_t worker_wait_s = 30;          ///< start-up wait for remote_workers; also how long a session waits for any worker
+  int64_t worker_timeout_s = 5;        ///< a remote worker silent this long is dead (heartbeats every timeout / 5)
   int64_t idle_timeout_s = 300;        ///< a silent client's session is closed after this
 };
 
