@@ -3,8 +3,10 @@
 #include "actors/encoder_actor.hpp"
 
 #include <chrono>
+#include <iostream>
 #include <unordered_map>
 
+#include "models/encoder_registry.hpp"
 #include "models/speech_encoder.hpp"
 
 namespace undertone::actors {
@@ -15,11 +17,11 @@ using clk = std::chrono::steady_clock;
 
 struct encoder_state {
   struct entry {
-    std::unique_ptr<models::speech_stream> stream;
+    std::unique_ptr<models::speech_stream> stream;  // null between turns
     caf::actor session;
     double encode_ms = 0;  // compute time of chunks whose rows are not sent yet
   };
-  std::shared_ptr<const models::speech_encoder> enc;
+  std::shared_ptr<models::speech_encoder> enc;
   encoder_actor_options opt;
   std::unordered_map<session_id, entry> streams;
   bool flush_scheduled = false;
@@ -32,7 +34,7 @@ struct encoder_state {
     r.n_rows = int64_t(r.rows.size()) / enc->d_llm();
     if (r.n_rows == 0 && !last) return;
     r.last = last;
-    r.encoder_version = opt.version;
+    r.encoder_version = e.stream->version();
     r.encode_ms = e.encode_ms;
     e.encode_ms = 0;
     self->send(e.session, std::move(r));
@@ -43,7 +45,7 @@ struct encoder_state {
     std::vector<models::speech_stream*> ready;
     std::vector<session_id> ids;
     for (auto& [id, e] : streams)
-      if (enc->is_ready(*e.stream)) ready.push_back(e.stream.get()), ids.push_back(id);
+      if (e.stream && enc->is_ready(*e.stream)) ready.push_back(e.stream.get()), ids.push_back(id);
     if (ready.empty()) return;
     const auto t0 = clk::now();
     enc->decode_streams(ready);
@@ -64,7 +66,7 @@ struct encoder_state {
 
   void maybe_run(caf::event_based_actor* self) {
     int64_t n = 0;
-    for (auto& kv : streams) n += enc->is_ready(*kv.second.stream) ? 1 : 0;
+    for (auto& kv : streams) n += kv.second.stream && enc->is_ready(*kv.second.stream) ? 1 : 0;
     if (n == 0) return;
     if (n >= opt.max_batch || opt.max_wait_ms <= 0) {
       run_batch(self);
@@ -74,25 +76,133 @@ struct encoder_state {
     }
   }
 
+  // A turn's stream is made with its first audio, so a swap between turns
+  // applies to the next turn even in a session that is already open.
+  models::speech_stream& stream_of(entry& e) {
+    if (!e.stream) e.stream = enc->create_stream();
+    return *e.stream;
+  }
+
   void finish(caf::event_based_actor* self, session_id id, entry& e) {
-    enc->input_finished(*e.stream);
+    auto& s = stream_of(e);
+    enc->input_finished(s);
     const auto t0 = clk::now();
-    while (enc->is_ready(*e.stream)) enc->decode_streams({e.stream.get()});
+    while (enc->is_ready(s)) enc->decode_streams({&s});
     e.encode_ms += std::chrono::duration<double, std::milli>(clk::now() - t0).count();
     send_rows(self, id, e, true);
-    e.stream = enc->create_stream();
+    e.stream.reset();  // the next turn starts on the then current weights
+  }
+
+  /// Verifies and loads a registry version (or explicit files) and makes it
+  /// current; on failure the serving weights are unchanged.
+  swap_result swap(const swap_encoder& m) {
+    swap_result r;
+    r.previous = enc->version();
+    try {
+      if (m.version.empty()) throw std::invalid_argument("swap_encoder: version is empty");
+      std::string proj = m.projector_path, layers = m.encoder_layers_path;
+      std::unique_ptr<models::encoder_registry> reg;
+      if (proj.empty()) {
+        if (opt.registry.empty())
+          throw std::runtime_error("no encoder registry is configured (encoder.registry): cannot swap to version " +
+                                   m.version + " by name");
+        reg = std::make_unique<models::encoder_registry>(opt.registry);
+        reg->verify(m.version);
+        proj = reg->path_of(m.version);
+        layers = reg->encoder_layers_of(m.version);
+      }
+      enc->replace_weights(proj, layers, m.version);
+      r.ok = true;
+      r.message = "encoding new turns with " + m.version + " (was " + r.previous + ")";
+      if (reg && m.make_current) {
+        try {
+          reg->set_current(m.version, "swap");
+        } catch (const std::exception& e) {
+          r.message += "; but the registry's current could not be updated: " + std::string(e.what());
+        }
+      }
+    } catch (const std::exception& e) {
+      r.ok = false;
+      r.message = "swap to " + m.version + " refused, still serving " + r.previous + ": " + e.what();
+    }
+    r.version = enc->version();
+    return r;
+  }
+
+  swap_result rollback(const rollback_encoder& m) {
+    swap_result r;
+    r.previous = enc->version();
+    r.version = r.previous;
+    if (opt.registry.empty()) {
+      r.message = "rollback refused: no encoder registry is configured (encoder.registry)";
+      return r;
+    }
+    std::string target;
+    try {
+      models::encoder_registry reg(opt.registry);
+      target = m.to;
+      if (target.empty()) {
+        // "Previous" means before the version being served, which is the
+        // registry's current unless someone changed it without telling us.
+        auto t = reg.rollback_target();
+        if (!t) throw std::runtime_error("nothing to roll back to (no earlier current version in the history)");
+        target = *t;
+      }
+      reg.verify(target);
+    } catch (const std::exception& e) {
+      r.message = std::string("rollback refused, still serving ") + r.previous + ": " + e.what();
+      return r;
+    }
+    r = swap({target, "", "", false});
+    if (r.ok) {
+      try {
+        models::encoder_registry(opt.registry).rollback(m.to.empty() ? "" : target);
+      } catch (const std::exception& e) {
+        r.message += "; but the registry's current could not be updated: " + std::string(e.what());
+      }
+    }
+    return r;
+  }
+
+  encoder_status status() const {
+    encoder_status s;
+    s.version = enc->version();
+    s.generation = enc->generation();
+    s.streams = int64_t(streams.size());
+    s.registry = opt.registry;
+    if (!opt.registry.empty()) {
+      try {
+        s.registry_current = models::encoder_registry(opt.registry).current().value_or("");
+      } catch (const std::exception&) {
+      }
+    }
+    return s;
+  }
+
+  // At start: serve the registry's current version (see encoder_actor_options).
+  void follow_registry() {
+    if (opt.registry.empty()) return;
+    try {
+      auto cur = models::encoder_registry(opt.registry).current();
+      if (!cur || *cur == enc->version()) return;
+      auto r = swap({*cur, "", "", false});
+      std::cerr << "undertone encoder: registry current " << *cur << ": " << r.message << "\n";
+    } catch (const std::exception& e) {
+      std::cerr << "undertone encoder: cannot read the encoder registry " << opt.registry << ": " << e.what() << "\n";
+    }
   }
 };
 
 caf::behavior encoder_behavior(caf::stateful_actor<encoder_state>* self, encoder_actor_options opt) {
   auto& st = self->state;
   st.enc = opt.encoder ? opt.encoder : opt.factory();
-  opt.encoder.reset();  // the state holds it; the options are kept for the version/batching
+  opt.encoder.reset();  // the state holds it; the options are kept for the registry/batching
   st.opt = std::move(opt);
+  st.follow_registry();
   return {
       [=](encode_open& m) {
         auto& e = self->state.streams[m.id];
-        e.stream = self->state.enc->create_stream();
+        e.stream.reset();
         e.session = caf::actor_cast<caf::actor>(self->current_sender());
         e.encode_ms = 0;
       },
@@ -100,8 +210,9 @@ caf::behavior encoder_behavior(caf::stateful_actor<encoder_state>* self, encoder
         auto& s = self->state;
         auto it = s.streams.find(m.id);
         if (it == s.streams.end()) return;
-        s.enc->accept_waveform(*it->second.stream, m.samples_16k);
-        if (s.enc->is_ready(*it->second.stream)) s.maybe_run(self);
+        auto& stream = s.stream_of(it->second);
+        s.enc->accept_waveform(stream, m.samples_16k);
+        if (s.enc->is_ready(stream)) s.maybe_run(self);
       },
       [=](encode_finish& m) {
         auto& s = self->state;
@@ -114,6 +225,9 @@ caf::behavior encoder_behavior(caf::stateful_actor<encoder_state>* self, encoder
         self->state.flush_scheduled = false;
         self->state.run_batch(self);
       },
+      [=](swap_encoder& m) { return self->state.swap(m); },
+      [=](rollback_encoder& m) { return self->state.rollback(m); },
+      [=](status_request) { return self->state.status(); },
   };
 }
 

@@ -16,6 +16,7 @@
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 #include "models/gguf.hpp"
+#include "models/encoder_registry.hpp"
 #include "models/llm_engine.hpp"
 #include "models/model_store.hpp"
 #include "models/runtime.hpp"
@@ -96,6 +97,16 @@ llm_identity identify_llm(const config::undertone_config& cfg) {
   id.templ = models::chat_template::select(cfg.llm.chat_template == "llama-3" ? "llama3" : cfg.llm.chat_template,
                                            tok->chat_template_text(), bos_text);
   return id;
+}
+
+std::string resolve_encoder_registry(const config::undertone_config& cfg) {
+  if (!cfg.encoder.registry.empty()) return cfg.encoder.registry;
+  return (fs::path(config::resolve_model_home(cfg)) / "encoders").string();
+}
+
+std::string projector_file_version(const std::string& projector_path, uint64_t seed) {
+  if (projector_path.empty()) return "untrained-seed-" + std::to_string(seed);
+  return fs::path(projector_path).filename().string() + "@" + models::sha256_file(projector_path).substr(0, 12);
 }
 
 namespace {
@@ -193,17 +204,34 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   eo.window_blocks = cfg.encoder.window_blocks;
   eo.normalization = cfg.encoder.normalization;
   eo.max_batch = cfg.encoder.max_batch;
-  std::shared_ptr<const models::speech_encoder> enc = std::make_shared<models::speech_encoder>(eo);
-  if (eo.projector.empty()) {
+  eo.version = projector_file_version(eo.projector, eo.projector_seed);
+  auto enc = std::make_shared<models::speech_encoder>(eo);
+  // The registry's current version, if any, replaces the configured projector.
+  const std::string registry = resolve_encoder_registry(cfg);
+  bool from_registry = false;
+  try {
+    models::encoder_registry reg(registry);
+    if (auto cur = reg.current()) {
+      try {
+        reg.verify(*cur);
+        enc->replace_weights(reg.path_of(*cur), reg.encoder_layers_of(*cur), *cur);
+        from_registry = true;
+      } catch (const std::exception& e) {
+        p_->warnings.push_back("WARNING: the encoder registry's current version " + *cur + " was refused (" +
+                               e.what() + "); serving " + eo.version +
+                               " instead. `undertone model verify` / `undertone model rollback` fix the registry.");
+      }
+    }
+  } catch (const std::exception& e) {
+    p_->warnings.push_back("WARNING: cannot read the encoder registry " + registry + ": " + e.what());
+  }
+  if (eo.projector.empty() && !from_registry) {
     p_->warnings.push_back(
         "WARNING: no trained projector (encoder.projector is \"\" and the default \"undertone-projector\" is not in " + home +
         "/models; scripts/setup installs it): using an UNTRAINED projector. The pipeline runs, "
         "but answers to speech are nonsense. Train one (undertone train) and set encoder.projector.");
   }
-  const std::string enc_version = fs::path(eo.model).filename().string() + "|" +
-                                  (eo.projector.empty() ? std::string("untrained-projector")
-                                                        : fs::path(eo.projector).filename().string() + "|" +
-                                                              std::to_string(fs::file_size(eo.projector)));
+  const std::string enc_version = enc->version();
   const std::string llm_describe =
       llm ? llm->describe()
           : fs::path(llm_id.path).filename().string() + " (template " + llm_id.templ.name() + ", d " +
@@ -225,7 +253,7 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   auto& sys = *p_->sys;
   encoder_actor_options ea;
   ea.encoder = enc;
-  ea.version = enc_version;
+  ea.registry = registry;
   ea.max_batch = cfg.encoder.max_batch;
   ea.max_wait_ms = cfg.encoder.max_wait_ms;
   auto respawn_encoder = [&sys, ea]() { return spawn_encoder_actor(sys, ea); };
@@ -264,6 +292,8 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   const caf::actor llm_actor = so.llm;
   p_->supervisor = spawn_supervisor(sys, std::move(so));
   log("undertone engine: " + p_->models);
+  log("undertone engine: encoder version " + enc_version + (from_registry ? " (registry " : " (not in the registry ") +
+      registry + ")");
   log(std::string("undertone engine: session store ") + (cfg.store.enabled ? store_dir : "disabled"));
   for (auto& w : p_->warnings) log(w);
   if (remote) wait_for_workers(sys, llm_actor, cfg, log);

@@ -54,10 +54,22 @@ session_settings session_settings_from(const config::undertone_config& cfg);
 /// runs, answers to speech are nonsense).
 std::string resolve_projector(const config::undertone_config& cfg);
 
+/// The encoder registry directory (models/encoder_registry.hpp): encoder.registry,
+/// or <model_home>/encoders when it is "".
+std::string resolve_encoder_registry(const config::undertone_config& cfg);
+
+/// Version name of a projector checkpoint that is not in the registry (the
+/// configured one at start): "<file name>@<first 12 hex digits of its
+/// sha256>"; "untrained-seed-<seed>" for "" (an untrained projector).
+std::string projector_file_version(const std::string& projector_path, uint64_t seed = 0);
+
 class engine {
  public:
   /// Loads the LLM and the speech encoder (seconds), then spawns the actors and
-  /// the gateway. `log` receives human-readable lines (models, warnings); null:
+  /// the gateway. The encoder serves the encoder registry's current version if
+  /// it has one and it verifies, else the configured projector (resolve_projector;
+  /// version projector_file_version), with a warning when a current version was
+  /// refused (docs/hot-swap.md). `log` receives human-readable lines (models, warnings); null:
   /// stderr. Throws std::exception (model not found, bind failure, ...).
   ///
   /// With server.remote_workers = N > 0 the LLM weights are not loaded here:

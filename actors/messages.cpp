@@ -49,6 +49,12 @@ void register_message_types(caf::actor_system_config& cfg) {
   UT_ADD(encoder_published);
   UT_ADD(finetune_status);
   UT_ADD(finetune_round_done);
+  UT_ADD(swap_encoder);
+  UT_ADD(rollback_encoder);
+  UT_ADD(swap_result);
+  UT_ADD(status_request);
+  UT_ADD(encoder_status);
+  UT_ADD(engine_status);
   UT_ADD(error_code);
 #undef UT_ADD
 }

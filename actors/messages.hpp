@@ -303,6 +303,40 @@ struct finetune_round_done {
   std::string projector;           ///< candidate file
   int64_t turns = -1;              ///< annotated turns reported by the data source (-1: it threw)
 };
+// ------------------------------------------------ encoder hot swap (issue 7) ----
+/// To the encoder actor (or the supervisor, which delegates it there): switch
+/// the weights new turns are encoded with (docs/hot-swap.md). Turns in flight
+/// finish on the old weights. Replies swap_result.
+struct swap_encoder {
+  std::string version;              ///< registry version name (any label when projector_path is set)
+  std::string projector_path;       ///< "" = the registry's files of `version`, verified first
+  std::string encoder_layers_path;  ///< with projector_path: optional trained encoder layers
+  bool make_current = true;         ///< registry swap: also make `version` the registry's current
+};
+/// To the encoder actor (or the supervisor): the registry's rollback (to the
+/// previous current version, or `to`), then a swap to it. Replies swap_result.
+struct rollback_encoder { std::string to; };
+struct swap_result {
+  bool ok = false;
+  std::string version;   ///< the version new turns are encoded with now
+  std::string previous;  ///< the version before the request
+  std::string message;   ///< what happened, or why it was refused (the old version keeps serving)
+};
+/// Status query (to the supervisor -> engine_status; to the encoder -> encoder_status).
+struct status_request {};
+struct encoder_status {
+  std::string version;          ///< weights new turns get
+  int64_t generation = 0;       ///< 1 + successful swaps
+  int64_t streams = 0;          ///< sessions with an encoder stream
+  std::string registry;         ///< registry directory ("" = none)
+  std::string registry_current; ///< its `current` ("" = none)
+};
+struct engine_status {
+  std::string models;    ///< as in the welcome frame (versions at start)
+  std::string llm_version;
+  encoder_status encoder;
+  int64_t sessions = 0;
+};
 
 /// Atoms of the engine's internal loops.
 using tick_atom = caf::atom_constant<caf::atom("tick")>;          ///< llm worker: run one step
@@ -379,6 +413,12 @@ UT_INSPECT(encoder_published, x.version, x.projector_path)
 UT_INSPECT(finetune_status, x.running, x.rounds, x.published, x.rejected, x.skipped, x.errors,
            x.turns_at_last_round, x.last_outcome, x.last_error, x.last_result, x.current_projector)
 UT_INSPECT(finetune_round_done, x.outcome, x.error, x.result, x.version, x.projector, x.turns)
+UT_INSPECT(swap_encoder, x.version, x.projector_path, x.encoder_layers_path, x.make_current)
+UT_INSPECT(rollback_encoder, x.to)
+UT_INSPECT(swap_result, x.ok, x.version, x.previous, x.message)
+UT_INSPECT_EMPTY(status_request)
+UT_INSPECT(encoder_status, x.version, x.generation, x.streams, x.registry, x.registry_current)
+UT_INSPECT(engine_status, x.models, x.llm_version, x.encoder, x.sessions)
 
 #undef UT_INSPECT
 #undef UT_INSPECT_EMPTY

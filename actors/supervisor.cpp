@@ -31,6 +31,26 @@ struct supervisor_state {
   void broadcast(caf::event_based_actor* self, const caf::message& m) {
     for (auto& kv : sessions) self->send(kv.second, m);
   }
+
+  /// Passes a swap/rollback request to the encoder and its swap_result back.
+  caf::result<swap_result> forward_swap(caf::event_based_actor* self, caf::message m) {
+    swap_result failed;
+    if (!comps[0].actor) {
+      failed.message = "refused: the encoder is not running";
+      return failed;
+    }
+    auto rp = self->make_response_promise<swap_result>();
+    // Loading a checkpoint takes well under a second; the bound only keeps a
+    // wedged encoder from leaving the requester without an answer.
+    self->request(comps[0].actor, std::chrono::minutes(5), std::move(m))
+        .then([rp](swap_result& r) mutable { rp.deliver(std::move(r)); },
+              [rp](caf::error& e) mutable {
+                swap_result f;
+                f.message = "refused: the encoder did not answer (" + caf::to_string(e) + ")";
+                rp.deliver(std::move(f));
+              });
+    return rp;
+  }
 };
 
 caf::behavior supervisor_behavior(caf::stateful_actor<supervisor_state>* self, supervisor_options opt) {
@@ -142,6 +162,33 @@ caf::behavior supervisor_behavior(caf::stateful_actor<supervisor_state>* self, s
         }
       },
       [=](stats_atom) { return int64_t(self->state.sessions.size()); },
+      // Hot swap (docs/hot-swap.md): the encoder actor does the work.
+      [=](swap_encoder& m) -> caf::result<swap_result> { return self->state.forward_swap(self, caf::make_message(std::move(m))); },
+      [=](rollback_encoder& m) -> caf::result<swap_result> {
+        return self->state.forward_swap(self, caf::make_message(std::move(m)));
+      },
+      [=](status_request) -> caf::result<engine_status> {
+        auto& st = self->state;
+        engine_status s;
+        s.models = st.o.env->models;
+        s.llm_version = st.o.env->llm_version;
+        s.sessions = int64_t(st.sessions.size());
+        if (!st.comps[0].actor) {
+          s.encoder.version = "(encoder not running)";
+          return s;
+        }
+        auto rp = self->make_response_promise<engine_status>();
+        self->request(st.comps[0].actor, std::chrono::seconds(30), status_request{})
+            .then([rp, s](encoder_status& es) mutable {
+              s.encoder = std::move(es);
+              rp.deliver(std::move(s));
+            },
+                  [rp, s](caf::error&) mutable {
+                    s.encoder.version = "(encoder did not answer)";
+                    rp.deliver(std::move(s));
+                  });
+        return rp;
+      },
   };
 }
 

@@ -26,7 +26,10 @@ struct supervisor_options {
 ///     session_opened, or to_client_error{server_full, fatal} when full;
 ///   subscribe_events / unsubscribe_events (any actor, e.g. engine::attach);
 ///   inject_message{id, ...} -> that session (id 0: every session);
-///   stats_atom -> int64_t open sessions.
+///   stats_atom -> int64_t open sessions;
+///   swap_encoder / rollback_encoder -> delegated to the encoder actor, which
+///     replies swap_result to the requester (docs/hot-swap.md);
+///   status_request -> engine_status (asks the encoder for its version).
 /// On an exit message it ends every session and component, then itself.
 caf::actor spawn_supervisor(caf::actor_system& sys, supervisor_options opt);
 

@@ -10,6 +10,7 @@
 #include "actors/engine.hpp"
 #include "apps/common.hpp"
 #include "models/runtime.hpp"
+#include "transport/control.hpp"
 #include "transport/gateway.hpp"
 #include "transport/worker_link.hpp"
 
@@ -18,6 +19,7 @@ namespace undertone::apps {
 namespace {
 struct serve_flags {
   std::string bind;
+  std::string control_bind;
 };
 }  // namespace
 
@@ -37,11 +39,17 @@ void add_serve_command(CLI::App& app, global_options& g) {
       "is not loaded here: `undertone worker --connect` processes decode (they connect to\n"
       "server.worker_bind; serve waits up to server.worker_wait_s for N of them). Without a trained projector\n"
       "(encoder.projector = \"\" and no \"undertone-projector\" in the model cache) an untrained one is\n"
-      "used: the pipeline runs, answers to speech are nonsense. Ctrl-C shuts down cleanly.");
+      "used: the pipeline runs, answers to speech are nonsense. The speech encoder serves the encoder\n"
+      "registry's current version if there is one (encoder.registry, `undertone model list`), and\n"
+      "server.control_bind (default tcp://127.0.0.1:5557, \"\" = off) takes status / hot-swap requests\n"
+      "(`undertone model ... --server`, docs/hot-swap.md). Ctrl-C shuts down cleanly.");
   cmd->add_option("--bind", f.bind, "client endpoint (= --set server.bind=...), e.g. tcp://127.0.0.1:5555");
-  cmd->callback([&g] {
+  auto* control_opt = cmd->add_option("--control-bind", f.control_bind,
+                  "control endpoint (= --set server.control_bind=...); \"\" disables it");
+  cmd->callback([&g, control_opt] {
     auto cfg = effective_config(g);
     if (!f.bind.empty()) cfg.server.bind = f.bind;
+    if (control_opt->count() > 0) cfg.server.control_bind = f.control_bind;
     models::set_compute_threads(int(cfg.general.threads));
     // Block the stop signals before any thread starts (threads inherit the mask);
     // the main thread then waits for them with sigwait.
@@ -54,6 +62,7 @@ void add_serve_command(CLI::App& app, global_options& g) {
     gw_opt.default_settings = actors::session_settings_from(cfg);
     std::string endpoint, worker_endpoint;
     std::unique_ptr<actors::engine> eng;
+    std::unique_ptr<transport::control_server> control;
     try {
       spdlog::info("loading models (llm {}, encoder {})", cfg.llm.model, cfg.encoder.model);
       auto log = [](const std::string& line) {
@@ -79,17 +88,23 @@ void add_serve_command(CLI::App& app, global_options& g) {
           cfg,
           [&](caf::actor_system& sys, caf::actor sup) { return transport::spawn_gateway(sys, gw_opt, sup, &endpoint); },
           log, hub);
+      if (!cfg.server.control_bind.empty())
+        control = std::make_unique<transport::control_server>(eng->system(), eng->supervisor(), cfg.server.control_bind);
     } catch (const std::exception& e) {
       std::cerr << "error: " << e.what() << "\n";
+      control.reset();
+      eng.reset();
       pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);
       exit_code() = 1;
       return;
     }
     spdlog::info("listening on {} (max {} sessions); Ctrl-C to stop", endpoint, cfg.server.max_sessions);
+    if (control) spdlog::info("control endpoint on {} (status, encoder swap/rollback)", control->endpoint());
     std::cout << "undertone serve: ready on " << endpoint << std::endl;
     int sig = 0;
     sigwait(&stop, &sig);
     spdlog::info("{}: shutting down", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    control.reset();  // before the actor system goes
     eng->shutdown();
     eng.reset();
     pthread_sigmask(SIG_UNBLOCK, &stop, nullptr);

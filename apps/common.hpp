@@ -31,6 +31,7 @@ void setup_logging(const config::undertone_config& cfg);
 /// Every subcommand: builds its CLI11 subcommand on `app` and sets its callback.
 void add_config_command(CLI::App& app, global_options& g);
 void add_models_command(CLI::App& app, global_options& g);
+void add_model_command(CLI::App& app, global_options& g);  ///< encoder registry, apps/cmd_model.cpp
 void add_run_command(CLI::App& app, global_options& g);
 void add_chat_command(CLI::App& app, global_options& g);
 void add_encode_command(CLI::App& app, global_options& g);

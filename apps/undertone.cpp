@@ -38,6 +38,7 @@ int main(int argc, char** argv) {
   apps::add_eval_command(app, g);
   apps::add_config_command(app, g);
   apps::add_models_command(app, g);
+  apps::add_model_command(app, g);
   apps::add_data_command(app, g);
   apps::add_send_command(app, g);
   apps::add_talk_command(app, g);

@@ -100,6 +100,7 @@ const std::vector<field>& fields() {
     integer("encoder", "max_wait_ms", UT_FIELD(encoder, max_wait_ms), 0, 1000);
     integer("encoder", "window_blocks", UT_FIELD(encoder, window_blocks), 0, 10000);
     choice("encoder", "normalization", UT_FIELD(encoder, normalization), {"causal", "offline"});
+    text("encoder", "registry", UT_FIELD(encoder, registry));
 
     real("vad", "threshold_db", UT_FIELD(vad, threshold_db), -100.0, 0.0);
     integer("vad", "min_speech_ms", UT_FIELD(vad, min_speech_ms), 10, 5000);
@@ -110,6 +111,8 @@ const std::vector<field>& fields() {
 
     text("server", "bind", UT_FIELD(server, bind), check_endpoint);
     text("server", "worker_bind", UT_FIELD(server, worker_bind), check_endpoint);
+    text("server", "control_bind", UT_FIELD(server, control_bind),
+         [](const std::string& v) { return v.empty() ? std::string() : check_endpoint(v); });
     integer("server", "max_sessions", UT_FIELD(server, max_sessions), 1, 100000);
     integer("server", "max_frame_bytes", UT_FIELD(server, max_frame_bytes), 1024, 64 << 20);
     integer("server", "max_frames_per_second", UT_FIELD(server, max_frames_per_second), 1, 100000);

@@ -58,6 +58,7 @@ struct encoder_config {
   int64_t max_wait_ms = 10;       ///< wait for more chunks before a batch runs
   int64_t window_blocks = 0;      ///< cached blocks kept; 0 = as many as fit 30 s
   std::string normalization = "causal";  ///< causal | offline (log-mel clamp)
+  std::string registry;           ///< versioned encoder checkpoints; "" = <model_home>/encoders
 };
 
 struct vad_config {
@@ -72,6 +73,7 @@ struct vad_config {
 struct server_config {
   std::string bind = "tcp://127.0.0.1:5555";         ///< client endpoint (ROUTER)
   std::string worker_bind = "tcp://127.0.0.1:5556";  ///< remote llm workers connect here
+  std::string control_bind = "tcp://127.0.0.1:5557"; ///< control endpoint (status, encoder swap); "" = off
   int64_t max_sessions = 64;
   int64_t max_frame_bytes = 1048576;  ///< larger frames are refused
   int64_t max_frames_per_second = 200; ///< per client

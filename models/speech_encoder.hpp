@@ -58,12 +58,20 @@
 // decode_streams() calls on disjoint sets of streams may run concurrently.
 // The number of compute threads is the process's (models/runtime.hpp).
 //
-// TODO(issue 7, hot swap): replace_weights(encoder_path, projector_path) will
-// load new weights into a new immutable "weights generation" and make it the
-// one create_stream() uses; each stream already holds a shared pointer to the
-// generation it was created with (so streams in flight keep the old weights
-// until they finish, and old generations are freed with their last stream),
-// and decode_streams() already batches only streams of the same generation.
+// Hot swap (issue 7, docs/hot-swap.md). The weights live in immutable
+// "weights generations": replace_weights() loads and validates new weights
+// (projector, optionally trained top encoder layers) into a new generation and
+// makes it the one create_stream() uses from then on. Each stream holds a
+// shared pointer to the generation it was created with, so a stream in flight
+// keeps its weights until it is destroyed (a turn never mixes versions), and
+// an old generation is freed with its last stream. decode_streams() batches
+// only streams of the same generation together. A failed replace_weights()
+// (missing file, bad header, wrong shape, non-finite weights) throws naming the
+// file and leaves the current generation in place.
+// replace_weights() may run concurrently with every other member (a mutex
+// guards the current generation; it takes seconds only while loading, and
+// holds the mutex just to publish the result); two replace_weights() calls
+// at once are serialized.
 #pragma once
 
 #include <cstddef>
@@ -93,6 +101,9 @@ struct speech_encoder_options {
   int64_t window_blocks = 0;       ///< cached blocks attended to; 0 = as many as fit in 30 s
   std::string normalization = "causal";  ///< log-mel clamp: causal | offline | none
   int64_t max_batch = 0;           ///< streams per encoder call in decode_streams(); 0 = unlimited
+  /// Name of the initial weights generation (recorded with everything it
+  /// encodes); "" = "<projector file name>" or "untrained-seed-<seed>".
+  std::string version;
   /// Throws std::invalid_argument naming the bad field.
   void validate() const;
   std::string to_string() const;
@@ -115,6 +126,9 @@ class speech_stream {
   bool input_is_finished() const;    ///< input_finished() was called
   /// All input encoded and the projector flushed: no more tokens will come.
   bool is_finished() const;
+  /// Version of the weights generation this stream encodes with (fixed at
+  /// create_stream(); see "Hot swap" above).
+  const std::string& version() const;
 
  private:
   friend class speech_encoder;
@@ -135,8 +149,28 @@ class speech_encoder {
   speech_encoder(const speech_encoder&) = delete;
   speech_encoder& operator=(const speech_encoder&) = delete;
 
-  /// A fresh session state (position 0, empty caches).
+  /// A fresh session state (position 0, empty caches) on the current weights
+  /// generation.
   std::unique_ptr<speech_stream> create_stream() const;
+
+  /// Loads `projector_path` (projector::save format) and, if not "",
+  /// `encoder_layers_path` (encoder_layers.safetensors of the alignment
+  /// trainer: named Whisper parameters replacing those of the base encoder;
+  /// "" = the base encoder of encoder.model) into a new weights generation
+  /// named `version`, and makes it current: streams created from now on use it,
+  /// existing streams keep theirs. The projector must fit the encoder and LLM
+  /// (d_in, stack, d_out = d_llm(); d_hidden may differ) and every weight must
+  /// be finite. Throws std::runtime_error naming the file and what is wrong;
+  /// the current generation is then unchanged. Thread rules: see the header.
+  void replace_weights(const std::string& projector_path, const std::string& encoder_layers_path,
+                       const std::string& version);
+  void replace_weights(const std::string& projector_path, const std::string& version) {
+    replace_weights(projector_path, "", version);
+  }
+  /// Version of the current weights generation (the one new streams get).
+  std::string version() const;
+  /// Number of generations made so far (1 + successful replace_weights()).
+  int64_t generation() const;
 
   /// Appends 16 kHz mono samples (any count, including 0) to `s`.
   void accept_waveform(speech_stream& s, const float* samples, size_t n) const;

@@ -6,12 +6,15 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <map>
+#include <mutex>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 
 #include "models/mel.hpp"
+#include "models/safetensors.hpp"
 #include "models/nn/projector.hpp"
 #include "models/nn/whisper_encoder.hpp"
 
@@ -69,10 +72,12 @@ std::string speech_encoder_options::to_string() const {
 }
 
 // One immutable set of weights. Streams keep the generation they were made with
-// (the hot-swap design of the header's TODO).
+// (the hot-swap design of the header).
 struct weights_generation {
   std::shared_ptr<whisper_encoder> encoder;
   std::shared_ptr<projector> proj;
+  std::string version;
+  std::string projector_desc;
 };
 
 struct speech_encoder::impl {
@@ -80,8 +85,66 @@ struct speech_encoder::impl {
   torch::Device device = torch::kCPU;
   torch::Dtype dtype = torch::kFloat32;
   mel_config mel_cfg;
+  std::shared_ptr<whisper_encoder> base_encoder;  // encoder.model as loaded
+  mutable std::mutex mu;                          // guards `current` and `generations`
+  std::mutex replace_mu;                          // one replace_weights() at a time
   std::shared_ptr<const weights_generation> current;
-  std::string projector_desc;
+  int64_t generations = 0;
+
+  std::shared_ptr<const weights_generation> get() const {
+    std::lock_guard<std::mutex> lk(mu);
+    return current;
+  }
+  // The projector has no fp64 kernels; fp64 verification runs project in fp32.
+  torch::Dtype proj_dtype() const { return dtype == torch::kFloat64 ? torch::kFloat32 : dtype; }
+
+  // Loads a projector checkpoint and checks it fits the encoder and the LLM.
+  std::shared_ptr<projector> load_projector(const std::string& path, int64_t d_in, int64_t d_llm) const {
+    auto p = projector::load(path, device, proj_dtype());
+    const auto& pc = p->config();
+    auto bad = [&](const std::string& what) {
+      throw std::runtime_error("speech_encoder: projector " + path + " " + what);
+    };
+    if (pc.d_in != d_in)
+      bad("expects encoder width d_in = " + std::to_string(pc.d_in) + " but " + opt.model + " has " +
+          std::to_string(d_in) + " (trained for another encoder?)");
+    if (pc.stack != opt.stack_frames)
+      bad("stacks " + std::to_string(pc.stack) + " frames but encoder.stack_frames = " +
+          std::to_string(opt.stack_frames) + " (set it to " + std::to_string(pc.stack) + ")");
+    if (d_llm > 0 && pc.d_out != d_llm)
+      bad("outputs d_out = " + std::to_string(pc.d_out) + " but the LLM's hidden size is " +
+          std::to_string(d_llm) + " (trained for another LLM?)");
+    for (const auto& t : p->parameters())
+      if (!at::isfinite(t).all().item<bool>()) bad("has non-finite (NaN/Inf) weights (corrupt checkpoint?)");
+    return p;
+  }
+
+  // A fresh copy of the base encoder with the tensors of `path` (named
+  // parameters, as alignment_trainer::export_weights writes them) replaced.
+  std::shared_ptr<whisper_encoder> load_encoder_layers(const std::string& path) const {
+    whisper_encoder_options eo = base_encoder->options();
+    auto enc = whisper_encoder::load(opt.model, eo);
+    safetensors_file f(path);  // throws safetensors_error naming the file
+    auto params = enc->named_parameters();
+    torch::NoGradGuard ng;
+    if (f.tensors().empty()) throw std::runtime_error("speech_encoder: encoder layers " + path + " holds no tensor");
+    for (const auto& t : f.tensors()) {
+      auto* p = params.find(t.name);
+      if (!p)
+        throw std::runtime_error("speech_encoder: encoder layers " + path + ": " + t.name + " is not a parameter of " +
+                                 opt.model + " (trained for another encoder?)");
+      if (std::vector<int64_t>(p->sizes().begin(), p->sizes().end()) != t.shape)
+        throw std::runtime_error("speech_encoder: encoder layers " + path + ": tensor " + t.name +
+                                 " has the wrong shape for " + opt.model);
+      auto v = at::empty(t.shape, at::kFloat);
+      f.to_float32(t, v.data_ptr<float>());
+      if (!at::isfinite(v).all().item<bool>())
+        throw std::runtime_error("speech_encoder: encoder layers " + path + ": tensor " + t.name +
+                                 " has non-finite values (corrupt checkpoint?)");
+      p->copy_(v.to(p->device(), p->scalar_type()));
+    }
+    return enc;
+  }
 };
 
 struct speech_stream::impl {
@@ -120,6 +183,7 @@ int64_t speech_stream::chunks_encoded() const { return d_->chunks; }
 int64_t speech_stream::encoder_frames() const { return d_->enc_frames; }
 int64_t speech_stream::tokens_out() const { return d_->tokens_out; }
 int64_t speech_stream::tokens_ready() const { return d_->tokens_ready(); }
+const std::string& speech_stream::version() const { return d_->gen->version; }
 bool speech_stream::input_is_finished() const { return d_->input_finished; }
 bool speech_stream::is_finished() const { return d_->finished; }
 
@@ -135,10 +199,9 @@ speech_encoder::speech_encoder(const speech_encoder_options& opt) : d_(std::make
   eo.chunk_ms = opt.chunk_ms;
   eo.context_blocks = opt.window_blocks > 0 ? opt.window_blocks : -1;
   auto gen = std::make_shared<weights_generation>();
-  gen->encoder = whisper_encoder::load(opt.model, eo);
+  d_->base_encoder = whisper_encoder::load(opt.model, eo);
+  gen->encoder = d_->base_encoder;
   const int64_t d_in = gen->encoder->output_dim();
-  // The projector has no fp64 kernels; fp64 verification runs project in fp32.
-  const auto pdt = d_->dtype == torch::kFloat64 ? torch::kFloat32 : d_->dtype;
 
   if (opt.projector.empty()) {
     projector_config pc;
@@ -146,29 +209,45 @@ speech_encoder::speech_encoder(const speech_encoder_options& opt) : d_(std::make
     pc.d_in = d_in;
     pc.d_hidden = opt.projector_hidden;
     pc.d_out = opt.d_llm;
-    gen->proj = std::make_shared<projector>(pc, d_->device, pdt, opt.projector_seed);
-    d_->projector_desc = "untrained (seed " + std::to_string(opt.projector_seed) + ")";
+    gen->proj = std::make_shared<projector>(pc, d_->device, d_->proj_dtype(), opt.projector_seed);
+    gen->projector_desc = "untrained (seed " + std::to_string(opt.projector_seed) + ")";
+    gen->version = "untrained-seed-" + std::to_string(opt.projector_seed);
   } else {
-    gen->proj = projector::load(opt.projector, d_->device, pdt);
-    const auto& pc = gen->proj->config();
-    auto bad = [&](const std::string& what) {
-      throw std::runtime_error("speech_encoder: projector " + opt.projector + " " + what);
-    };
-    if (pc.d_in != d_in)
-      bad("expects encoder width d_in = " + std::to_string(pc.d_in) + " but " + opt.model + " has " +
-          std::to_string(d_in) + " (trained for another encoder?)");
-    if (pc.stack != opt.stack_frames)
-      bad("stacks " + std::to_string(pc.stack) + " frames but encoder.stack_frames = " +
-          std::to_string(opt.stack_frames) + " (set it to " + std::to_string(pc.stack) + ")");
-    if (opt.d_llm > 0 && pc.d_out != opt.d_llm)
-      bad("outputs d_out = " + std::to_string(pc.d_out) + " but the LLM's hidden size is " +
-          std::to_string(opt.d_llm) + " (trained for another LLM?)");
-    d_->projector_desc = opt.projector;
+    gen->proj = d_->load_projector(opt.projector, d_in, opt.d_llm);
+    gen->projector_desc = opt.projector;
+    gen->version = std::filesystem::path(opt.projector).filename().string();
   }
+  if (!opt.version.empty()) gen->version = opt.version;
   d_->opt.d_llm = gen->proj->config().d_out;
+  d_->opt.version = gen->version;
   d_->mel_cfg.n_mels = int(gen->encoder->hparams().n_mels);
   d_->mel_cfg.normalization = parse_mel_normalization(opt.normalization);
   d_->current = std::move(gen);
+  d_->generations = 1;
+}
+
+void speech_encoder::replace_weights(const std::string& projector_path, const std::string& encoder_layers_path,
+                                     const std::string& version) {
+  if (projector_path.empty()) throw std::invalid_argument("speech_encoder::replace_weights: projector path is empty");
+  if (version.empty()) throw std::invalid_argument("speech_encoder::replace_weights: version is empty");
+  std::lock_guard<std::mutex> one(d_->replace_mu);
+  // Everything is loaded and checked before the switch: any throw leaves the
+  // current generation serving.
+  auto gen = std::make_shared<weights_generation>();
+  gen->encoder = encoder_layers_path.empty() ? d_->base_encoder : d_->load_encoder_layers(encoder_layers_path);
+  gen->proj = d_->load_projector(projector_path, d_->base_encoder->output_dim(), d_->opt.d_llm);
+  gen->version = version;
+  gen->projector_desc = projector_path + (encoder_layers_path.empty() ? "" : " + encoder layers " + encoder_layers_path);
+  std::lock_guard<std::mutex> lk(d_->mu);
+  d_->current = std::move(gen);
+  d_->generations += 1;
+}
+
+std::string speech_encoder::version() const { return d_->get()->version; }
+
+int64_t speech_encoder::generation() const {
+  std::lock_guard<std::mutex> lk(d_->mu);
+  return d_->generations;
 }
 
 speech_encoder::~speech_encoder() = default;
@@ -176,7 +255,7 @@ speech_encoder::~speech_encoder() = default;
 std::unique_ptr<speech_stream> speech_encoder::create_stream() const {
   auto s = std::make_unique<speech_stream::impl>(d_->mel_cfg);
   s->owner = d_.get();
-  s->gen = d_->current;
+  s->gen = d_->get();
   s->n_mels = d_->mel_cfg.n_mels;
   s->d_llm = s->gen->proj->config().d_out;
   s->enc_state = s->gen->encoder->init_state();
@@ -289,21 +368,22 @@ std::vector<float> speech_encoder::pop_tokens(speech_stream& s) const {
   return out;
 }
 
-int64_t speech_encoder::d_llm() const { return d_->current->proj->config().d_out; }
+int64_t speech_encoder::d_llm() const { return d_->opt.d_llm; }
 int64_t speech_encoder::chunk_frames() const { return d_->opt.chunk_ms / 10; }
 int64_t speech_encoder::chunk_samples() const { return d_->opt.chunk_ms * 16; }
 double speech_encoder::tokens_per_second() const { return 50.0 / double(d_->opt.stack_frames); }
 const speech_encoder_options& speech_encoder::options() const { return d_->opt; }
 
 std::string speech_encoder::describe() const {
-  const auto& hp = d_->current->encoder->hparams();
-  const auto& pc = d_->current->proj->config();
+  const auto gen = d_->get();
+  const auto& hp = gen->encoder->hparams();
+  const auto& pc = gen->proj->config();
   std::ostringstream o;
   o << "whisper encoder " << d_->opt.model << " (d " << hp.d_model << ", " << hp.n_layers << " layers, " << hp.n_heads
     << " heads, " << hp.n_mels << " mels); " << d_->opt.device << " " << d_->opt.dtype << "; chunk "
     << d_->opt.chunk_ms << " ms (" << chunk_frames() << " mel frames), window "
-    << d_->current->encoder->context_blocks() << " blocks; normalization " << d_->opt.normalization
-    << "; projector " << d_->projector_desc << " (stack " << pc.stack << ", hidden " << pc.d_hidden << ", d_llm "
+    << gen->encoder->context_blocks() << " blocks; normalization " << d_->opt.normalization
+    << "; projector " << gen->projector_desc << " [version " << gen->version << "] (stack " << pc.stack << ", hidden " << pc.d_hidden << ", d_llm "
     << pc.d_out << ", " << tokens_per_second() << " tokens/s)";
   return o.str();
 }
