@@ -11,12 +11,14 @@
 #include <nlohmann/json.hpp>
 
 #include "actors/encoder_actor.hpp"
+#include "actors/finetune_actor.hpp"
 #include "actors/llm_worker.hpp"
 #include "actors/logger.hpp"
 #include "actors/session.hpp"
 #include "actors/supervisor.hpp"
 #include "models/gguf.hpp"
 #include "models/encoder_registry.hpp"
+#include "models/session_store.hpp"
 #include "models/llm_engine.hpp"
 #include "models/model_store.hpp"
 #include "models/runtime.hpp"
@@ -297,6 +299,50 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   log(std::string("undertone engine: session store ") + (cfg.store.enabled ? store_dir : "disabled"));
   for (auto& w : p_->warnings) log(w);
   if (remote) wait_for_workers(sys, llm_actor, cfg, log);
+  // Online fine-tuning in this process (docs/finetune.md): annotated stored turns ->
+  // gated round -> registry -> the supervisor swaps the encoders.
+  if (cfg.finetune.enabled) {
+    if (!cfg.store.enabled) {
+      log("WARNING: finetune.enabled needs store.enabled (it trains on stored, annotated turns): not started");
+    } else {
+      finetune_actor_options fo;
+      fo.round = finetune_options_from(cfg);
+      fo.out_root = finetune_out_root(cfg);
+      fo.projector = from_registry ? models::encoder_registry(registry).path_of(enc->version()) : eo.projector;
+      fo.interval_s = cfg.finetune.interval_s;
+      fo.min_new_turns = cfg.finetune.min_new_turns;
+      const std::string manifest = (fs::path(fo.out_root) / "sessions.jsonl").string();
+      fo.data_source = [store_dir, manifest]() {
+        fs::create_directories(fs::path(manifest).parent_path());
+        models::session_store st(store_dir);
+        finetune_data d;
+        d.manifest = manifest;
+        d.annotated_turns = int64_t(st.export_manifest(manifest, models::export_options{}));
+        return d;
+      };
+      fo.publish = [registry](const std::string& projector_path, const nlohmann::json& meta) {
+        return models::encoder_registry(registry).publish(projector_path, meta, /*make_current=*/true);
+      };
+      fo.notify = p_->supervisor;
+      fo.log = log;
+      if (cfg.finetune.pause_while_sessions > 0) {
+        caf::actor sup = p_->supervisor;
+        caf::actor_system* sysp = &sys;
+        const int64_t threshold = cfg.finetune.pause_while_sessions;
+        fo.round.paused = [sup, sysp, threshold]() {
+          caf::scoped_actor self{*sysp};
+          int64_t n = 0;
+          self->request(sup, std::chrono::seconds(5), stats_atom::value)
+              .receive([&](int64_t v) { n = v; }, [&](caf::error&) { n = 0; });
+          return n >= threshold;
+        };
+      }
+      p_->custom.push_back(spawn_finetune_actor(sys, std::move(fo)));  // stopped at shutdown like custom actors
+      log("undertone engine: online fine-tuning on (every " + std::to_string(int64_t(cfg.finetune.interval_s)) +
+          " s when >= " + std::to_string(cfg.finetune.min_new_turns) + " new annotated turns; publishes into " +
+          registry + ")");
+    }
+  }
   if (gateway) {
     try {
       p_->gateway = gateway(sys, p_->supervisor);

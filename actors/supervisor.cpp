@@ -167,6 +167,17 @@ caf::behavior supervisor_behavior(caf::stateful_actor<supervisor_state>* self, s
       [=](rollback_encoder& m) -> caf::result<swap_result> {
         return self->state.forward_swap(self, caf::make_message(std::move(m)));
       },
+      // The finetune actor published a gated checkpoint in the registry: swap to it.
+      [=](encoder_published& m) {
+        auto& st = self->state;
+        if (!st.comps[0].actor) return;
+        self->request(st.comps[0].actor, std::chrono::minutes(5), swap_encoder{m.version, "", "", true})
+            .then([](swap_result& r) {
+                    std::cerr << "undertone supervisor: fine-tuned encoder " << r.version
+                              << (r.ok ? " now serves new turns" : " refused: " + r.message) << "\n";
+                  },
+                  [](caf::error& e) { std::cerr << "undertone supervisor: encoder swap failed: " << caf::to_string(e) << "\n"; });
+      },
       [=](status_request) -> caf::result<engine_status> {
         auto& st = self->state;
         engine_status s;

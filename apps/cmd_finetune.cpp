@@ -11,10 +11,13 @@
 #include <memory>
 #include <thread>
 
+#include "actors/engine.hpp"
 #include "actors/finetune_actor.hpp"
 #include "apps/common.hpp"
 #include "models/finetune.hpp"
+#include "models/encoder_registry.hpp"
 #include "models/train_metrics.hpp"
+#include "transport/control.hpp"
 
 namespace undertone::apps {
 
@@ -29,6 +32,7 @@ void on_stop_signal(int) { g_stop.store(true); }
 struct finetune_flags {
   std::vector<std::string> sessions, replay, val;
   std::string projector, out, cache_dir, metric, progress = "auto";
+  std::string registry, server;  // publish target; running server's control endpoint ("none" = do not notify)
   int64_t steps = 0, batch = 0, max_val = -1, max_response_tokens = 0, min_new_turns = -1;
   double lr = 0, margin = -1, replay_ratio = -1, interval = 0;
   int threads = 0, nice = -1;
@@ -72,16 +76,44 @@ int run_finetune(const finetune_flags& f, const global_options& g) {
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGTERM, on_stop_signal);
 
-  // ==== HOOK (lead): publish to the encoder registry and notify the running server over ZeroMQ. ====
-  // Replace this body: register `projector_path` (+ `meta`) with the encoder registry, send the
-  // running server the "encoder published" control message over ZeroMQ, and return the registry's
-  // version name. Until then a passing candidate stays in its round directory, and the round
-  // directory's name stands for its version.
-  models::publish_fn publish = [](const std::string& projector_path, const json& /*meta*/) -> std::string {
-    return fs::path(projector_path).parent_path().filename().string();
+  // A passing candidate goes into the encoder registry (verified, made current) and the
+  // running server is told over its control endpoint (ZeroMQ) to swap to it now.
+  const std::string registry_dir = f.registry.empty() ? actors::resolve_encoder_registry(cfg) : f.registry;
+  const std::string server = f.server.empty() ? (cfg.server.control_bind.empty()
+                                                     ? std::string("none")
+                                                     : connectable_endpoint(cfg.server.control_bind))
+                                              : f.server;
+  models::publish_fn publish = [registry_dir, server](const std::string& projector_path, const json& meta) {
+    models::encoder_registry reg(registry_dir);
+    const std::string version = reg.publish(projector_path, meta, /*make_current=*/true);
+    std::cout << "published " << version << " in " << registry_dir << "\n";
+    if (server != "none") {
+      try {
+        const json r = transport::control_call(server, json{{"t", "encoder_swap"}, {"version", version}},
+                                               std::chrono::seconds(30));
+        std::cout << "server " << server << ": " << (r.value("ok", false) ? "swapped to " : "did not swap to ")
+                  << version << (r.contains("message") ? " (" + r["message"].get<std::string>() + ")" : "") << "\n";
+      } catch (const std::exception& e) {
+        std::cout << "server " << server << " not told (" << e.what()
+                  << "); it serves " << version << " from its next start, or run `undertone model use " << version
+                  << " --server ENDPOINT`\n";
+      }
+    }
+    return version;
   };
-  // ==== end of HOOK ====
 
+  // Serving first: between training steps, wait while the server has sessions open.
+  if (server != "none" && cfg.finetune.pause_while_sessions > 0) {
+    const int64_t threshold = cfg.finetune.pause_while_sessions;
+    base.paused = [server, threshold]() {
+      try {
+        const json r = transport::control_call(server, json{{"t", "status"}}, std::chrono::seconds(2));
+        return r.value("sessions", int64_t(0)) >= threshold;
+      } catch (const std::exception&) {
+        return false;  // no server there: nothing to yield to
+      }
+    };
+  }
   std::string projector = base.projector;
   int64_t last_turns = -1;
   int rc = 0;
@@ -162,6 +194,11 @@ void add_finetune_command(CLI::App& app, global_options& g) {
       "if the gate metric on held-out speakers does not regress by more than the margin. Runs at low priority "
       "(finetune.nice, finetune.threads). Defaults come from [finetune], [llm] and [encoder]; each round goes to "
       "OUT/round-<UTC time>/ with round.json.");
+  cmd->add_option("--registry", f.registry, "encoder registry to publish into (default: encoder.registry, "
+                                            "\"\" = <model_home>/encoders)");
+  cmd->add_option("--server", f.server,
+                  "control endpoint of the running server to swap after a publish (default: server.control_bind; "
+                  "\"none\" = do not tell a server)");
   cmd->add_option("--sessions", f.sessions, "manifest(s) of annotated logged turns (the session store's export)")
       ->required()
       ->check(CLI::ExistingFile);

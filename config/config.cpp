@@ -141,6 +141,7 @@ const std::vector<field>& fields() {
     integer("finetune", "nice", UT_FIELD(finetune, nice), 0, 19);
     integer("finetune", "interval_s", UT_FIELD(finetune, interval_s), 0, 31536000);
     integer("finetune", "min_new_turns", UT_FIELD(finetune, min_new_turns), 0, 100000000);
+    integer("finetune", "pause_while_sessions", UT_FIELD(finetune, pause_while_sessions), 0, 1000000);
     text("finetune", "out_dir", UT_FIELD(finetune, out_dir));
     text("finetune", "cache_dir", UT_FIELD(finetune, cache_dir));
     return f;

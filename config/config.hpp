@@ -106,6 +106,7 @@ struct finetune_config {
   int64_t nice = 19;                     ///< nice of a round's threads (0 = unchanged)
   int64_t interval_s = 3600;             ///< seconds between automatic rounds; 0 = on demand only
   int64_t min_new_turns = 20;            ///< new annotated turns needed for a round
+  int64_t pause_while_sessions = 1;      ///< training waits while >= this many sessions are open (0 = never)
   std::string out_dir;                   ///< rounds; "" = <model_home>/finetune
   std::string cache_dir;                 ///< teacher answers + features; "" = <model_home>/train-cache
 };

@@ -62,6 +62,7 @@ json finetune_result::to_json() const {
           {"last_loss", last_loss},
           {"seconds", seconds},
           {"train_seconds", train_seconds},
+          {"paused_seconds", paused_seconds},
           {"gate_seconds", gate_seconds},
           {"priority", priority}};
 }

@@ -116,6 +116,12 @@ struct finetune_options {
   /// Polled between steps and phases; true = stop (the round then throws
   /// finetune_cancelled and publishes nothing).
   std::function<bool()> cancelled;
+  /// Polled between training steps; while it returns true the round waits
+  /// (polling every 0.25 s; cancelled() still stops it). The engine sets it to
+  /// "sessions are being served" (finetune.pause_while_sessions): nice alone
+  /// does not keep a 2-core machine's serving latency within 20 %
+  /// (bench/RESULTS.md), pausing does. A step already running finishes first.
+  std::function<bool()> paused;
 };
 
 /// Thrown by finetune_round when options.cancelled() said so.
@@ -149,6 +155,7 @@ struct finetune_result {
   double first_loss = 0, last_loss = 0;  ///< train loss of the first and last step
   double seconds = 0;                    ///< wall time of the whole round
   double train_seconds = 0, gate_seconds = 0;
+  double paused_seconds = 0;             ///< of train_seconds: waiting in options.paused() (serving)
   std::string priority;         ///< what the round ran with ("nice 19, 1 thread")
   nlohmann::json to_json() const;
 };

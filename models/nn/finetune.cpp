@@ -466,6 +466,21 @@ finetune_result run_round(const finetune_options& o, const std::string& priority
     std::snprintf(info, sizeof info, "loss %.3f", loss);
     progress("train", step, o.steps, info);
     if (o.cancelled && o.cancelled()) stopped = true;
+    // Serving first: wait while the server is busy.
+    if (!stopped && o.paused) {
+      const auto t0 = clock_type::now();
+      bool said = false;
+      while (o.paused()) {
+        if (!said) progress("train", step, o.steps, "paused: serving");
+        said = true;
+        if (o.cancelled && o.cancelled()) {
+          stopped = true;
+          break;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(250));
+      }
+      res.paused_seconds += seconds_since(t0);
+    }
     return !stopped;
   };
   log("training: " + to.to_string() + ", replay " + std::to_string(k) + "/" + std::to_string(o.batch));
