@@ -13,6 +13,7 @@
 #include "actors/engine.hpp"
 #include "models/audio.hpp"
 #include "models/session_store.hpp"
+#include "client_support.hpp"
 #include "support.hpp"
 #include "transport/client.hpp"
 #include "transport/gateway.hpp"
@@ -20,6 +21,8 @@
 using namespace undertone;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
+using testing::answer;
+using testing::read_answer;
 
 namespace {
 
@@ -51,13 +54,9 @@ struct server {
   std::unique_ptr<actors::engine> eng;
 
   server() {
-    cfg.general.model_home = testing::model_home();
-    cfg.llm.model = testing::llm_gguf_path();
-    cfg.encoder.model = testing::whisper_ct2_dir();
-    cfg.llm.context_tokens = 1024;
+    cfg = testing::small_engine_config();
     cfg.llm.kv_cells = 8192;
     cfg.sampling.max_tokens = 20;
-    cfg.server.bind = "tcp://127.0.0.1:*";
     cfg.server.max_sessions = 8;
     cfg.server.idle_timeout_s = 15;
     // The clients stream files faster than real time (20 ms frames back to back);
@@ -81,34 +80,6 @@ struct server {
     return n;
   }
 };
-
-struct answer {
-  std::string deltas;
-  transport::turn_end_msg end;
-  bool ended = false;
-  std::vector<transport::error_msg> errors;
-  std::vector<std::string> events;
-};
-
-/// Reads frames until a turn_end (or `timeout` without any frame).
-answer read_answer(transport::client& c, std::chrono::milliseconds timeout = 120s, bool stop_on_error = false) {
-  answer a;
-  while (auto m = c.receive(timeout)) {
-    if (auto* d = std::get_if<transport::delta_msg>(&*m)) {
-      a.deltas += d->text;
-    } else if (auto* e = std::get_if<transport::turn_end_msg>(&*m)) {
-      a.end = *e;
-      a.ended = true;
-      break;
-    } else if (auto* ev = std::get_if<transport::event_msg>(&*m)) {
-      a.events.push_back(ev->name);
-    } else if (auto* er = std::get_if<transport::error_msg>(&*m)) {
-      a.errors.push_back(*er);
-      if (stop_on_error || er->fatal) break;
-    }
-  }
-  return a;
-}
 
 void stream(transport::client& c, const std::vector<float>& x, size_t from = 0, size_t to = SIZE_MAX) {
   const size_t piece = 320;  // 20 ms
@@ -154,7 +125,7 @@ BOOST_AUTO_TEST_CASE(serve_end_to_end) {
       BOOST_TEST_CONTEXT("client " << i << " " << clips[i]) {
         for (const auto& er : answers[i].errors)
           BOOST_TEST_MESSAGE("client " << i << " error " << int(er.code) << ": " << er.message);
-        for (const auto& ev : answers[i].events) BOOST_TEST_MESSAGE("client " << i << " event " << ev);
+        for (const auto& ev : answers[i].notes) BOOST_TEST_MESSAGE("client " << i << " " << ev);
         BOOST_TEST(answers[i].ended);
         BOOST_TEST(!answers[i].end.text.empty());
         BOOST_TEST(answers[i].deltas == answers[i].end.text);

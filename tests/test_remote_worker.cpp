@@ -26,6 +26,7 @@
 #include <zmq_addon.hpp>
 
 #include "actors/engine.hpp"
+#include "client_support.hpp"
 #include "support.hpp"
 #include "transport/client.hpp"
 #include "transport/gateway.hpp"
@@ -35,6 +36,9 @@ extern char** environ;
 
 using namespace undertone;
 using namespace std::chrono_literals;
+using testing::answer;
+using testing::has_error;
+using testing::read_answer;
 
 namespace {
 
@@ -100,12 +104,8 @@ struct server {
   std::unique_ptr<actors::engine> eng;
 
   server() {
-    cfg.general.model_home = testing::model_home();
-    cfg.llm.model = testing::llm_gguf_path();
-    cfg.encoder.model = testing::whisper_ct2_dir();
-    cfg.llm.context_tokens = 1024;
+    cfg = testing::small_engine_config();
     cfg.sampling.max_tokens = 24;
-    cfg.server.bind = "tcp://127.0.0.1:*";
     cfg.server.worker_bind = "tcp://127.0.0.1:*";
     cfg.server.remote_workers = 2;
     cfg.server.worker_wait_s = 0;  // serve at once: the workers start after the hub is bound
@@ -149,35 +149,6 @@ struct server {
   }
 };
 
-struct answer {
-  std::string deltas;
-  transport::turn_end_msg end;
-  bool ended = false;
-  std::vector<transport::error_msg> errors;
-};
-
-answer read_answer(transport::client& c, std::chrono::milliseconds timeout = 120s) {
-  answer a;
-  while (auto m = c.receive(timeout)) {
-    if (auto* d = std::get_if<transport::delta_msg>(&*m)) {
-      a.deltas += d->text;
-    } else if (auto* e = std::get_if<transport::turn_end_msg>(&*m)) {
-      a.end = *e;
-      a.ended = true;
-      break;
-    } else if (auto* er = std::get_if<transport::error_msg>(&*m)) {
-      a.errors.push_back(*er);
-      if (er->fatal) break;
-    }
-  }
-  return a;
-}
-
-bool has_error(const answer& a, transport::error_code c) {
-  for (auto& e : a.errors)
-    if (e.code == c) return true;
-  return false;
-}
 
 bool contains(const std::vector<std::string>& v, const std::string& x) {
   return std::find(v.begin(), v.end(), x) != v.end();

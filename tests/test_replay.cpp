@@ -13,6 +13,7 @@
 #include "actors/engine.hpp"
 #include "models/manifest.hpp"
 #include "models/session_store.hpp"
+#include "client_support.hpp"
 #include "support.hpp"
 #include "transport/gateway.hpp"
 
@@ -27,13 +28,9 @@ struct server {
   std::string endpoint;
   std::unique_ptr<actors::engine> eng;
   server() {
-    cfg.general.model_home = testing::model_home();
-    cfg.llm.model = testing::llm_gguf_path();
-    cfg.encoder.model = testing::whisper_ct2_dir();
-    cfg.llm.context_tokens = 1024;
+    cfg = testing::small_engine_config();
     cfg.llm.kv_cells = 4096;
     cfg.sampling.max_tokens = 12;
-    cfg.server.bind = "tcp://127.0.0.1:*";
     cfg.server.max_frames_per_second = 100000;  // replay streams as fast as possible
     cfg.store.dir = store.str();
     auto gw = transport::gateway_options::from(cfg.server);

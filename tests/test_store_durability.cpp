@@ -18,11 +18,14 @@
 #include "models/audio.hpp"
 #include "models/manifest.hpp"
 #include "models/session_store.hpp"
+#include "client_support.hpp"
 #include "support.hpp"
 #include "transport/client.hpp"
 
 using namespace undertone;
 using namespace std::chrono_literals;
+using testing::answer;
+using testing::read_answer;
 namespace fs = std::filesystem;
 
 namespace {
@@ -89,32 +92,6 @@ struct server_process {
     return st;
   }
 };
-
-struct answer {
-  std::string deltas;
-  transport::turn_end_msg end;
-  bool ended = false;
-  std::vector<std::string> notes;  // errors and events
-};
-
-answer read_answer(transport::client& c, std::chrono::milliseconds timeout = 120s) {
-  answer a;
-  while (auto m = c.receive(timeout)) {
-    if (auto* d = std::get_if<transport::delta_msg>(&*m)) {
-      a.deltas += d->text;
-    } else if (auto* e = std::get_if<transport::turn_end_msg>(&*m)) {
-      a.end = *e;
-      a.ended = true;
-      break;
-    } else if (auto* ev = std::get_if<transport::event_msg>(&*m)) {
-      a.notes.push_back("event " + ev->name + " " + ev->label);
-    } else if (auto* er = std::get_if<transport::error_msg>(&*m)) {
-      a.notes.push_back("error " + er->message);
-      if (er->fatal) break;
-    }
-  }
-  return a;
-}
 
 struct cli_result {
   int code;
