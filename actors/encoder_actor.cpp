@@ -2,6 +2,7 @@
 // (actors/encoder_actor.hpp).
 #include "actors/encoder_actor.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <unordered_map>
@@ -25,6 +26,11 @@ struct encoder_state {
   encoder_actor_options opt;
   std::unordered_map<session_id, entry> streams;
   bool flush_scheduled = false;
+  /// Sessions whose turn ended (encode_finish) and whose final chunks are not
+  /// encoded yet: flushed together by one finish_atom, so turns that end at the
+  /// same moment share batched encoder calls instead of queueing one by one.
+  std::vector<session_id> finishing;
+  bool finish_scheduled = false;
   static inline const char* name = "undertone.encoder";
 
   void send_rows(caf::event_based_actor* self, session_id id, entry& e, bool last) {
@@ -83,14 +89,53 @@ struct encoder_state {
     return *e.stream;
   }
 
+  /// Ends the turn of `id`: its final chunk is encoded by the next finish_atom
+  /// (sent now, so it runs after the messages already in the mailbox - other
+  /// sessions' finishes arriving in the same instant join the batch).
   void finish(caf::event_based_actor* self, session_id id, entry& e) {
-    auto& s = stream_of(e);
-    enc->input_finished(s);
+    if (is_finishing(id)) return;  // a repeated end of turn
+    enc->input_finished(stream_of(e));
+    finishing.push_back(id);
+    if (!finish_scheduled) {
+      finish_scheduled = true;
+      self->send(self, finish_atom::value);
+    }
+  }
+
+  /// Encodes the remaining chunks of every finishing stream in batched calls,
+  /// sends their last rows, and frees the streams (the next turn starts on
+  /// the then current weights).
+  void flush_finishing(caf::event_based_actor* self) {
+    finish_scheduled = false;
+    std::vector<session_id> ids;
+    std::vector<models::speech_stream*> all;
+    for (auto id : finishing) {
+      auto it = streams.find(id);
+      if (it == streams.end() || !it->second.stream) continue;  // closed meanwhile
+      ids.push_back(id);
+      all.push_back(it->second.stream.get());
+    }
+    finishing.clear();
+    if (ids.empty()) return;
     const auto t0 = clk::now();
-    while (enc->is_ready(s)) enc->decode_streams({&s});
-    e.encode_ms += std::chrono::duration<double, std::milli>(clk::now() - t0).count();
-    send_rows(self, id, e, true);
-    e.stream.reset();  // the next turn starts on the then current weights
+    for (;;) {
+      std::vector<models::speech_stream*> ready;
+      for (auto* st : all)
+        if (enc->is_ready(*st)) ready.push_back(st);
+      if (ready.empty()) break;
+      enc->decode_streams(ready);
+    }
+    const double ms = std::chrono::duration<double, std::milli>(clk::now() - t0).count();
+    for (auto id : ids) {
+      auto& e = streams[id];
+      e.encode_ms += ms / double(ids.size());
+      send_rows(self, id, e, true);
+      e.stream.reset();
+    }
+  }
+
+  bool is_finishing(session_id id) const {
+    return std::find(finishing.begin(), finishing.end(), id) != finishing.end();
   }
 
   /// Verifies and loads a registry version (or explicit files) and makes it
@@ -210,6 +255,8 @@ caf::behavior encoder_behavior(caf::stateful_actor<encoder_state>* self, encoder
         auto& s = self->state;
         auto it = s.streams.find(m.id);
         if (it == s.streams.end()) return;
+        // The next turn's audio before the last one was flushed: flush it first.
+        if (s.is_finishing(m.id)) s.flush_finishing(self);
         auto& stream = s.stream_of(it->second);
         s.enc->accept_waveform(stream, m.samples_16k);
         if (s.enc->is_ready(stream)) s.maybe_run(self);
@@ -221,6 +268,7 @@ caf::behavior encoder_behavior(caf::stateful_actor<encoder_state>* self, encoder
         s.finish(self, m.id, it->second);
       },
       [=](encode_close& m) { self->state.streams.erase(m.id); },
+      [=](finish_atom) { self->state.flush_finishing(self); },
       [=](flush_atom) {
         self->state.flush_scheduled = false;
         self->state.run_batch(self);

@@ -341,6 +341,7 @@ struct engine_status {
 /// Atoms of the engine's internal loops.
 using tick_atom = caf::atom_constant<caf::atom("tick")>;          ///< llm worker: run one step
 using flush_atom = caf::atom_constant<caf::atom("flush")>;        ///< encoder: max_wait_ms elapsed
+using finish_atom = caf::atom_constant<caf::atom("finish")>;      ///< encoder: flush the turns that just ended
 using idle_check_atom = caf::atom_constant<caf::atom("idlechk")>;  ///< session: idle timeout check
 using stats_atom = caf::atom_constant<caf::atom("stats")>;        ///< supervisor: ask for counters
 using finetune_status_atom = caf::atom_constant<caf::atom("ftstatus")>;  ///< finetune actor: -> finetune_status
