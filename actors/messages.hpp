@@ -41,6 +41,7 @@ enum class error_code : uint16_t {
   context_full = 11,      ///< conversation no longer fits; see the context policy
   busy = 12,              ///< e.g. a text turn while an answer is running (cancel first)
   worker_lost = 13,       ///< the LLM worker died; the answer is lost
+  unauthorized = 14,      ///< hello without the server's auth token (or a wrong one)
   internal = 100,
 };
 /// The code's name ("bad_frame", ...), also sent on the wire (docs/protocol.md).
@@ -61,6 +62,7 @@ inline const char* to_string(error_code c) {
     case error_code::context_full: return "context_full";
     case error_code::busy: return "busy";
     case error_code::worker_lost: return "worker_lost";
+    case error_code::unauthorized: return "unauthorized";
     case error_code::internal: return "internal";
   }
   return "unknown";

@@ -17,6 +17,7 @@
 #include "models/finetune.hpp"
 #include "models/encoder_registry.hpp"
 #include "models/train_metrics.hpp"
+#include "transport/auth.hpp"
 #include "transport/control.hpp"
 
 namespace undertone::apps {
@@ -33,6 +34,7 @@ struct finetune_flags {
   std::vector<std::string> sessions, replay, val;
   std::string projector, out, cache_dir, metric, progress = "auto";
   std::string registry, server;  // publish target; running server's control endpoint ("none" = do not notify)
+  std::string token;             // --token: the server's auth token
   int64_t steps = 0, batch = 0, max_val = -1, max_response_tokens = 0, min_new_turns = -1;
   double lr = 0, margin = -1, replay_ratio = -1, interval = 0;
   int threads = 0, nice = -1;
@@ -83,14 +85,15 @@ int run_finetune(const finetune_flags& f, const global_options& g) {
                                                      ? std::string("none")
                                                      : connectable_endpoint(cfg.server.control_bind))
                                               : f.server;
-  models::publish_fn publish = [registry_dir, server](const std::string& projector_path, const json& meta) {
+  const std::string token = server == "none" ? std::string() : transport::client_auth_token(f.token, cfg.server);
+  models::publish_fn publish = [registry_dir, server, token](const std::string& projector_path, const json& meta) {
     models::encoder_registry reg(registry_dir);
     const std::string version = reg.publish(projector_path, meta, /*make_current=*/true);
     std::cout << "published " << version << " in " << registry_dir << "\n";
     if (server != "none") {
       try {
         const json r = transport::control_call(server, json{{"t", "encoder_swap"}, {"version", version}},
-                                               std::chrono::seconds(30));
+                                               std::chrono::seconds(30), token);
         std::cout << "server " << server << ": " << (r.value("ok", false) ? "swapped to " : "did not swap to ")
                   << version << (r.contains("message") ? " (" + r["message"].get<std::string>() + ")" : "") << "\n";
       } catch (const std::exception& e) {
@@ -105,9 +108,15 @@ int run_finetune(const finetune_flags& f, const global_options& g) {
   // Serving first: between training steps, wait while the server has sessions open.
   if (server != "none" && cfg.finetune.pause_while_sessions > 0) {
     const int64_t threshold = cfg.finetune.pause_while_sessions;
-    base.paused = [server, threshold]() {
+    auto warned = std::make_shared<bool>(false);
+    base.paused = [server, threshold, token, warned]() {
       try {
-        const json r = transport::control_call(server, json{{"t", "status"}}, std::chrono::seconds(2));
+        const json r = transport::control_call(server, json{{"t", "status"}}, std::chrono::seconds(2), token);
+        if (!r.value("ok", false) && !*warned) {
+          *warned = true;
+          std::cerr << "warning: server " << server << " refused the status request (" << r.value("message", r.dump())
+                    << "); training will not wait for its sessions\n";
+        }
         return r.value("sessions", int64_t(0)) >= threshold;
       } catch (const std::exception&) {
         return false;  // no server there: nothing to yield to
@@ -199,6 +208,7 @@ void add_finetune_command(CLI::App& app, global_options& g) {
   cmd->add_option("--server", f.server,
                   "control endpoint of the running server to swap after a publish (default: server.control_bind; "
                   "\"none\" = do not tell a server)");
+  add_token_option(cmd, f.token);
   cmd->add_option("--sessions", f.sessions, "manifest(s) of annotated logged turns (the session store's export)")
       ->required()
       ->check(CLI::ExistingFile);

@@ -7,6 +7,7 @@
 #include "actors/engine.hpp"
 #include "apps/common.hpp"
 #include "models/encoder_registry.hpp"
+#include "transport/auth.hpp"
 #include "transport/control.hpp"
 
 namespace undertone::apps {
@@ -16,6 +17,7 @@ namespace {
 struct model_flags {
   std::string registry;   // --registry
   std::string server;     // --server ENDPOINT
+  std::string token;      // --token (the server's auth token)
   std::string file, layers, source, metrics, version;
   std::vector<std::string> versions;
   bool no_current = false;
@@ -40,6 +42,13 @@ void add_server_flag(CLI::App* c, model_flags& f) {
                 "control endpoint of a running `undertone serve` (server.control_bind, e.g. tcp://127.0.0.1:5557):\n"
                 "it switches its encoder now; without it the change applies at the server's next start");
   c->add_option("--timeout", f.timeout_s, "seconds to wait for the server's answer")->capture_default_str();
+  add_token_option(c, f.token);
+}
+
+/// One control request to --server, carrying the auth token (--token, env, config).
+nlohmann::json call_server(const global_options& g, const model_flags& f, nlohmann::json req) {
+  return transport::control_call(f.server, std::move(req), std::chrono::seconds(f.timeout_s),
+                                 transport::client_auth_token(f.token, effective_config(g).server));
 }
 
 }  // namespace
@@ -133,8 +142,7 @@ void add_model_command(CLI::App& app, global_options& g) {
       const std::string v = reg.publish(f.file, meta, !f.no_current, f.layers);
       std::cout << "published " << v << (f.no_current ? "" : " (current)") << " in " << reg.dir() << "\n";
       if (!f.server.empty() && !f.no_current) {
-        auto r = transport::control_call(f.server, {{"t", "encoder_swap"}, {"version", v}},
-                                         std::chrono::seconds(f.timeout_s));
+        auto r = call_server(g, f, {{"t", "encoder_swap"}, {"version", v}});
         if (!report_swap(r)) exit_code() = 3;
       } else if (!f.no_current) {
         std::cout << "a running server switches at its next start (or: --server ENDPOINT)\n";
@@ -152,8 +160,7 @@ void add_model_command(CLI::App& app, global_options& g) {
     try {
       if (!f.server.empty()) {
         // The server verifies, loads, and only then makes it current.
-        auto r = transport::control_call(f.server, {{"t", "encoder_swap"}, {"version", f.version}},
-                                         std::chrono::seconds(f.timeout_s));
+        auto r = call_server(g, f, {{"t", "encoder_swap"}, {"version", f.version}});
         if (!report_swap(r)) exit_code() = 3;
         return;
       }
@@ -175,7 +182,7 @@ void add_model_command(CLI::App& app, global_options& g) {
       if (!f.server.empty()) {
         nlohmann::json req = {{"t", "encoder_rollback"}};
         if (!f.version.empty()) req["to"] = f.version;
-        auto r = transport::control_call(f.server, req, std::chrono::seconds(f.timeout_s));
+        auto r = call_server(g, f, req);
         if (!report_swap(r)) exit_code() = 3;
         return;
       }
@@ -192,10 +199,10 @@ void add_model_command(CLI::App& app, global_options& g) {
 
   auto* status = cmd->add_subcommand("status", "Ask a running server which encoder version it serves");
   add_server_flag(status, f);
-  status->callback([] {
+  status->callback([&g] {
     try {
       if (f.server.empty()) throw std::invalid_argument("--server ENDPOINT is required (e.g. tcp://127.0.0.1:5557)");
-      auto r = transport::control_call(f.server, {{"t", "status"}}, std::chrono::seconds(f.timeout_s));
+      auto r = call_server(g, f, {{"t", "status"}});
       std::cout << r.dump(2) << "\n";
       if (!r.value("ok", false)) exit_code() = 3;
     } catch (const std::exception& e) {

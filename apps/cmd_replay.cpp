@@ -23,6 +23,7 @@
 #include "models/manifest.hpp"
 #include "models/session_store.hpp"
 #include "models/train_metrics.hpp"
+#include "transport/auth.hpp"
 #include "transport/client.hpp"
 
 namespace undertone::apps {
@@ -35,6 +36,7 @@ using json = nlohmann::json;
 struct replay_flags {
   std::vector<std::string> sources;
   std::string server;
+  std::string token;  // --token
   std::string out;
   double speed = 0.0;
   int64_t parallel = 1;
@@ -186,6 +188,7 @@ int run_replay(const replay_flags& f, const config::undertone_config& cfg) {
   for (const auto& s : sessions) n_turns += s.turns.size();
   if (n_turns == 0) throw std::runtime_error("nothing to replay (no turns with audio or text)");
   const std::string server = f.server.empty() ? connectable_endpoint(cfg.server.bind) : f.server;
+  const std::string token = transport::client_auth_token(f.token, cfg.server);
   const fs::path out = f.out.empty() ? fs::path("replay-" + std::to_string(int64_t(std::time(nullptr)))) : fs::path(f.out);
   fs::create_directories(out);
   std::cout << "replaying " << sessions.size() << " session(s), " << n_turns << " turn(s) to " << server << " ("
@@ -204,7 +207,7 @@ int run_replay(const replay_flags& f, const config::undertone_config& cfg) {
       const auto& s = sessions[i];
       try {
         transport::client c(&ctx);
-        c.connect(server, "undertone-replay/" + s.name, std::chrono::seconds(30));
+        c.connect(server, "undertone-replay/" + s.name, std::chrono::seconds(30), token);
         transport::config_msg cm;
         cm.vad = false;  // the recorded segmentation: each turn ends where its audio does
         c.send_config(cm);
@@ -384,6 +387,7 @@ void add_replay_command(CLI::App& app, global_options& g) {
       "Example: undertone replay ~/.cache/undertone/sessions --speed 1 --parallel 4 --out replay-check");
   cmd->add_option("SOURCE", f.sources, "session store directories and/or manifest files")->required();
   cmd->add_option("--server", f.server, "server endpoint (default: server.bind of the config)");
+  add_token_option(cmd, f.token);
   cmd->add_option("--out", f.out, "report directory (default: replay-<unix time>)");
   cmd->add_option("--speed", f.speed, "1 = stream at real time, 2 = twice as fast, 0 = as fast as possible")
       ->capture_default_str()

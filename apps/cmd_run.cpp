@@ -101,6 +101,7 @@ void add_run_command(CLI::App& app, global_options& g) {
     spdlog::info("undertone run: {} compute threads, torch {}", threads, models::torch_version());
     auto gw_opt = transport::gateway_options::from(cfg.server);
     gw_opt.default_settings = actors::session_settings_from(cfg);
+    gw_opt.auth_token.clear();  // a private loopback port for this process's own clients
     std::string endpoint;
     try {
       auto t0 = std::chrono::steady_clock::now();

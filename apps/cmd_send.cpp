@@ -14,6 +14,7 @@
 
 #include "apps/common.hpp"
 #include "models/audio.hpp"
+#include "transport/auth.hpp"
 #include "transport/client.hpp"
 
 namespace undertone::apps {
@@ -36,6 +37,7 @@ struct send_flags {
   double answer_timeout_s = 120;
   double trailing_silence_s = 1.5;  // --end-turn server: silence after each file so the endpoint fires
   double stagger_ms = 0;       // session i starts i * stagger_ms after the first
+  std::string token;           // --token; resolved with the env / config in the callback
 };
 
 /// One finished turn as the client saw it.
@@ -67,7 +69,7 @@ class session_runner {
     if (fl_.stagger_ms > 0) std::this_thread::sleep_for(ms_d(fl_.stagger_ms * double(index_ - 1)));
     try {
       const auto w = c_.connect(fl_.server, "undertone-send/" + std::to_string(index_),
-                                std::chrono::milliseconds(int64_t(fl_.connect_timeout_s * 1000)));
+                                std::chrono::milliseconds(int64_t(fl_.connect_timeout_s * 1000)), fl_.token);
       say(tag_ + "session " + std::to_string(w.session) + (w.models.empty() ? "" : " (" + w.models + ")") + "\n");
       transport::config_msg cm;
       cm.vad = fl_.end_turn == "server";
@@ -279,8 +281,10 @@ void add_send_command(CLI::App& app, global_options& g) {
   cmd->add_option("--answer-timeout-s", fl.answer_timeout_s, "wait this long for an answer")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  add_token_option(cmd, fl.token);
   cmd->callback([&g] {
     const auto cfg = effective_config(g);
+    fl.token = transport::client_auth_token(fl.token, cfg.server);
     if (fl.files.empty() && fl.text.empty()) {
       std::cerr << "error: give audio FILEs and/or --text\n";
       exit_code() = 2;

@@ -10,6 +10,7 @@
 #include "actors/engine.hpp"
 #include "apps/common.hpp"
 #include "models/runtime.hpp"
+#include "transport/auth.hpp"
 #include "transport/control.hpp"
 #include "transport/gateway.hpp"
 #include "transport/worker_link.hpp"
@@ -21,6 +22,25 @@ struct serve_flags {
   std::string bind;
   std::string control_bind;
 };
+
+/// A warning per endpoint that other machines can reach while no auth token
+/// is set (anyone there could talk to the server, swap its encoder, or pose
+/// as an LLM worker and read every session's prompt).
+void warn_about_open_endpoints(const config::server_config& s, const std::string& token) {
+  if (!token.empty()) {
+    spdlog::info("clients, workers and control requests must present the auth token");
+    return;
+  }
+  std::vector<std::pair<const char*, std::string>> eps{{"server.bind", s.bind}};
+  if (s.remote_workers > 0) eps.emplace_back("server.worker_bind", s.worker_bind);
+  if (!s.control_bind.empty()) eps.emplace_back("server.control_bind", s.control_bind);
+  for (const auto& [key, ep] : eps)
+    if (!transport::is_loopback_endpoint(ep))
+      spdlog::warn("{} = {} is reachable from other machines and no auth token is set: anyone who can reach it "
+                   "can use this server. Set server.auth_token_file or UNDERTONE_AUTH_TOKEN (docs/protocol.md, "
+                   "\"Authentication\")",
+                   key, ep);
+}
 }  // namespace
 
 void add_serve_command(CLI::App& app, global_options& g) {
@@ -42,7 +62,10 @@ void add_serve_command(CLI::App& app, global_options& g) {
       "used: the pipeline runs, answers to speech are nonsense. The speech encoder serves the encoder\n"
       "registry's current version if there is one (encoder.registry, `undertone model list`), and\n"
       "server.control_bind (default tcp://127.0.0.1:5557, \"\" = off) takes status / hot-swap requests\n"
-      "(`undertone model ... --server`, docs/hot-swap.md). Ctrl-C shuts down cleanly.");
+      "(`undertone model ... --server`, docs/hot-swap.md). With an auth token (server.auth_token,\n"
+      "server.auth_token_file or env UNDERTONE_AUTH_TOKEN) every client hello, worker hello and control\n"
+      "request must carry it; without one serve warns if it binds a non-loopback address. Ctrl-C shuts\n"
+      "down cleanly.");
   cmd->add_option("--bind", f.bind, "client endpoint (= --set server.bind=...), e.g. tcp://127.0.0.1:5555");
   auto* control_opt = cmd->add_option("--control-bind", f.control_bind,
                   "control endpoint (= --set server.control_bind=...); \"\" disables it");
@@ -58,12 +81,14 @@ void add_serve_command(CLI::App& app, global_options& g) {
     sigaddset(&stop, SIGINT);
     sigaddset(&stop, SIGTERM);
     pthread_sigmask(SIG_BLOCK, &stop, nullptr);
-    auto gw_opt = transport::gateway_options::from(cfg.server);
-    gw_opt.default_settings = actors::session_settings_from(cfg);
+    transport::gateway_options gw_opt;
     std::string endpoint, worker_endpoint;
     std::unique_ptr<actors::engine> eng;
     std::unique_ptr<transport::control_server> control;
     try {
+      gw_opt = transport::gateway_options::from(cfg.server);  // resolves the auth token (may throw)
+      gw_opt.default_settings = actors::session_settings_from(cfg);
+      warn_about_open_endpoints(cfg.server, gw_opt.auth_token);
       spdlog::info("loading models (llm {}, encoder {})", cfg.llm.model, cfg.encoder.model);
       auto log = [](const std::string& line) {
         if (line.rfind("WARNING", 0) == 0)
@@ -78,6 +103,7 @@ void add_serve_command(CLI::App& app, global_options& g) {
           o.llm_version = id.version;
           o.chat_template = id.templ.name();
           o.d_model = id.d_model;
+          o.auth_token = gw_opt.auth_token;  // the one token, resolved once
           o.log = log;
           auto h = transport::spawn_worker_hub(sys, o, &worker_endpoint);
           spdlog::info("remote LLM workers connect to {}", worker_endpoint);
@@ -89,7 +115,8 @@ void add_serve_command(CLI::App& app, global_options& g) {
           [&](caf::actor_system& sys, caf::actor sup) { return transport::spawn_gateway(sys, gw_opt, sup, &endpoint); },
           log, hub);
       if (!cfg.server.control_bind.empty())
-        control = std::make_unique<transport::control_server>(eng->system(), eng->supervisor(), cfg.server.control_bind);
+        control = std::make_unique<transport::control_server>(eng->system(), eng->supervisor(), cfg.server.control_bind,
+                                                              gw_opt.auth_token);
     } catch (const std::exception& e) {
       std::cerr << "error: " << e.what() << "\n";
       control.reset();

@@ -14,6 +14,7 @@
 #include <rtaudio/RtAudio.h>
 
 #include "apps/common.hpp"
+#include "transport/auth.hpp"
 #include "transport/client.hpp"
 
 namespace undertone::apps {
@@ -25,6 +26,7 @@ struct talk_flags {
   int64_t device = -1;  // index from --list-devices; -1 = the default input
   bool list_devices = false;
   double connect_timeout_s = 10;
+  std::string token;  // --token
 };
 
 std::atomic<bool> g_stop{false};
@@ -165,8 +167,8 @@ int talk(const talk_flags& fl, const config::undertone_config& cfg) {
   transport::client c;
   const std::string server = fl.server.empty() ? connectable_endpoint(cfg.server.bind) : fl.server;
   try {
-    const auto w = c.connect(server, "undertone-talk",
-                             std::chrono::milliseconds(int64_t(fl.connect_timeout_s * 1000)));
+    const auto w = c.connect(server, "undertone-talk", std::chrono::milliseconds(int64_t(fl.connect_timeout_s * 1000)),
+                             transport::client_auth_token(fl.token, cfg.server));
     std::cerr << "connected: session " << w.session << (w.models.empty() ? "" : " (" + w.models + ")") << "\n";
     transport::config_msg cm;
     cm.vad = true;
@@ -264,6 +266,7 @@ void add_talk_command(CLI::App& app, global_options& g) {
   cmd->add_option("--timeout-s", fl.connect_timeout_s, "wait this long for the server's welcome")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  add_token_option(cmd, fl.token);
   cmd->callback([&g] { exit_code() = talk(fl, effective_config(g)); });
 }
 

@@ -15,6 +15,7 @@
 #include "apps/common.hpp"
 #include "models/llm_engine.hpp"
 #include "models/runtime.hpp"
+#include "transport/auth.hpp"
 #include "transport/worker_link.hpp"
 
 namespace undertone::apps {
@@ -23,6 +24,7 @@ namespace {
 struct worker_flags {
   std::string connect;
   std::string name;
+  std::string token;
 };
 
 struct worker_system_config : caf::actor_system_config {
@@ -46,10 +48,12 @@ void add_worker_command(CLI::App& app, global_options& g) {
       "continuous batching. The server refuses a worker whose LLM file or chat template differs from its own\n"
       "(the worker then exits with an error). Heartbeats both ways (server.worker_timeout_s); if the server\n"
       "goes away the worker drops its sessions and reconnects with backoff. Ctrl-C / SIGTERM: says bye (the\n"
-      "server moves its sessions to other workers) and exits.");
+      "server moves its sessions to other workers) and exits. A server with an auth token refuses a worker\n"
+      "without it (--token or UNDERTONE_AUTH_TOKEN).");
   cmd->add_option("--connect", f.connect,
                   "server endpoint to connect to, e.g. tcp://10.0.0.5:5556 (default: server.worker_bind)");
   cmd->add_option("--name", f.name, "name in the server's logs and stats (default: <hostname>-<pid>)");
+  add_token_option(cmd, f.token);
   cmd->callback([&g] {
     auto cfg = effective_config(g);
     const std::string endpoint = f.connect.empty() ? cfg.server.worker_bind : f.connect;
@@ -69,7 +73,9 @@ void add_worker_command(CLI::App& app, global_options& g) {
 
     models::llm_engine_options lo;
     std::shared_ptr<models::llm_engine> llm;
+    std::string token;
     try {
+      token = transport::client_auth_token(f.token, cfg.server);  // before the slow LLM load
       lo.llm = llm_options_from(cfg);
       lo.max_slots = cfg.llm.max_slots;
       lo.max_rows_per_step = cfg.llm.max_batch_rows;
@@ -90,6 +96,7 @@ void add_worker_command(CLI::App& app, global_options& g) {
     wo.hello.chat_template = llm->templ().name();
     wo.hello.d_model = llm->d_model();
     wo.hello.max_slots = cfg.llm.max_slots;
+    wo.hello.token = token;
     wo.timeout = std::chrono::milliseconds(cfg.server.worker_timeout_s * 1000);
     wo.heartbeat = wo.timeout / 5;
     wo.log = [](const std::string& line) { spdlog::info("{}", line); };

@@ -59,4 +59,10 @@ double percentile(std::vector<double> v, double p) {
   return v[i];
 }
 
+CLI::Option* add_token_option(CLI::App* cmd, std::string& token) {
+  return cmd->add_option("--token", token,
+                         "the server's auth token (default: env UNDERTONE_AUTH_TOKEN, then server.auth_token / "
+                         "server.auth_token_file); prefer the variable or the file: a --token is visible in ps");
+}
+
 }  // namespace undertone::apps

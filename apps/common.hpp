@@ -67,4 +67,10 @@ double percentile(std::vector<double> v, double p);
 /// Exit code set by a subcommand callback (callbacks cannot return one).
 int& exit_code();
 
+/// Adds `--token TOKEN` (the server's shared-secret auth token) to a command
+/// that talks to a server. Resolve it with transport::client_auth_token(token,
+/// cfg.server): --token, then env UNDERTONE_AUTH_TOKEN, then server.auth_token /
+/// server.auth_token_file of the config.
+CLI::Option* add_token_option(CLI::App* cmd, std::string& token);
+
 }  // namespace undertone::apps

@@ -120,6 +120,8 @@ const std::vector<field>& fields() {
     integer("server", "worker_wait_s", UT_FIELD(server, worker_wait_s), 0, 3600);
     integer("server", "worker_timeout_s", UT_FIELD(server, worker_timeout_s), 1, 600);
     integer("server", "idle_timeout_s", UT_FIELD(server, idle_timeout_s), 1, 86400);
+    text("server", "auth_token", UT_FIELD(server, auth_token));
+    text("server", "auth_token_file", UT_FIELD(server, auth_token_file));
 
     boolean("store", "enabled", UT_FIELD(store, enabled));
     text("store", "dir", UT_FIELD(store, dir));

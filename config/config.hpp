@@ -81,6 +81,10 @@ struct server_config {
   int64_t worker_wait_s = 30;          ///< start-up wait for remote_workers; also how long a session waits for any worker
   int64_t worker_timeout_s = 5;        ///< a remote worker silent this long is dead (heartbeats every timeout / 5)
   int64_t idle_timeout_s = 300;        ///< a silent client's session is closed after this
+  /// Shared secret clients, workers and control requests must present ("" = no
+  /// authentication). Resolution with the env UNDERTONE_AUTH_TOKEN: transport/auth.hpp.
+  std::string auth_token;
+  std::string auth_token_file;         ///< file whose first line is the token (instead of auth_token)
 };
 
 struct store_config {

@@ -4,10 +4,12 @@
 
     pip install -r examples/requirements.txt
     python3 examples/python_client.py speech.wav --server tcp://127.0.0.1:5555
+    UNDERTONE_AUTH_TOKEN=secret python3 examples/python_client.py speech.wav   # server with an auth token
 
 Reads 16-bit PCM WAV (any rate and channel count: the server resamples).
 """
 import argparse
+import os
 import sys
 import time
 import wave
@@ -40,6 +42,8 @@ def main():
     ap.add_argument("--server", default="tcp://127.0.0.1:5555")
     ap.add_argument("--speed", type=float, default=1.0, help="1 = real time, 0 = as fast as possible")
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server")
+    ap.add_argument("--token", default=os.environ.get("UNDERTONE_AUTH_TOKEN", ""),
+                    help="the server's auth token (default: env UNDERTONE_AUTH_TOKEN; none if unset)")
     args = ap.parse_args()
 
     with wave.open(args.wav, "rb") as w:
@@ -53,7 +57,10 @@ def main():
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(args.server)
 
-    send(sock, {"t": "hello", "name": "python-example"})
+    hello = {"t": "hello", "name": "python-example"}
+    if args.token:
+        hello["token"] = args.token  # optional key: a server without a token ignores it
+    send(sock, hello)
     msg = receive(sock, int(args.timeout * 1000))
     if msg is None:
         sys.exit(f"no undertone server answered at {args.server} within {args.timeout} s")

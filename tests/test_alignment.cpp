@@ -198,6 +198,42 @@ BOOST_AUTO_TEST_CASE(teacher_cache_hits_and_misses) {
   BOOST_TEST(back->text == "ok \xef\xbf\xbd");
 }
 
+BOOST_AUTO_TEST_CASE(teacher_answers_in_the_teacher_dtype) {
+  // The serving LLM runs in fp32 (W().llm); the answers are wanted in bf16: on a
+  // cache miss a second, bf16 copy generates them.
+  auto& w = W();
+  temp_dir d;
+  const std::vector<teacher_request> reqs = {
+      {alignment_task::emotion, "Kids are talking by the door", emotion_label::angry},
+      {alignment_task::semantic, "Dogs are sitting by the door", emotion_label::unlabeled}};
+  const llama_options serving;  // fp32, as W().llm was loaded
+  teacher_cache cache(d.str(), w.llm.identity + "|bf16", w.topt.max_tokens);
+  teacher_stats st;
+  auto got = teacher_responses_in_dtype(w.llm, serving, "bf16", "auto", cache, reqs, w.topt, &st);
+  BOOST_TEST(st.generated == 2u);
+  llama_options bf16 = serving;
+  bf16.dtype = torch::kBFloat16;
+  const auto direct = generate_teacher(alignment_llm::load(w.llm.path, bf16), reqs, w.topt);
+  for (size_t i = 0; i < reqs.size(); ++i) BOOST_TEST(got[i].tokens == direct[i].tokens);
+  // All cached now: nothing generated.
+  got = teacher_responses_in_dtype(w.llm, serving, "bf16", "auto", cache, reqs, w.topt, &st);
+  BOOST_TEST(st.generated == 0u);
+  BOOST_TEST(st.hits == 2u);
+  // The serving dtype itself: the serving LLM answers.
+  teacher_cache same(d.str(), w.llm.identity + "|fp32", w.topt.max_tokens);
+  got = teacher_responses_in_dtype(w.llm, serving, "fp32", "auto", same, reqs, w.topt, &st);
+  const auto own = generate_teacher(w.llm, reqs, w.topt);
+  for (size_t i = 0; i < reqs.size(); ++i) BOOST_TEST(got[i].tokens == own[i].tokens);
+  // A dtype name that is neither, on a miss: a clear error.
+  teacher_cache other(d.str(), w.llm.identity + "|fp8", w.topt.max_tokens);
+  try {
+    teacher_responses_in_dtype(w.llm, serving, "fp8", "auto", other, reqs, w.topt, &st, {}, "eval: ");
+    BOOST_FAIL("teacher dtype fp8 was accepted");
+  } catch (const std::invalid_argument& e) {
+    BOOST_TEST(std::string(e.what()) == "eval: teacher dtype 'fp8' is not fp32 or bf16");
+  }
+}
+
 BOOST_AUTO_TEST_CASE(feature_cache_hits) {
   auto& w = W();
   feature_store again(w.cache.str(), mel_config{}, w.enc, "whisper-tiny.en", true);

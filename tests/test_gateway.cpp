@@ -461,8 +461,97 @@ BOOST_AUTO_TEST_CASE(a_flood_is_survived) {
 }
 
 BOOST_AUTO_TEST_CASE(wire_error_names_match_the_engine_names) {
-  for (int c : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 100}) {
+  for (int c : {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 100}) {
     const auto code = error_code(c);
     BOOST_TEST(std::string(transport::error_name(code)) == std::string(actors::to_string(code)));
   }
+}
+
+namespace {
+
+/// A raw DEALER that sends one frame and reads the reply (nullopt: none within `timeout`).
+struct raw_client {
+  zmq::context_t ctx;
+  zmq::socket_t s{ctx, zmq::socket_type::dealer};
+  explicit raw_client(const std::string& endpoint) {
+    s.set(zmq::sockopt::linger, 0);
+    s.connect(endpoint);
+  }
+  std::optional<server_message> ask(const transport::client_message& m, std::chrono::milliseconds timeout = 3000ms) {
+    const auto parts = transport::encode(m);
+    for (size_t i = 0; i < parts.size(); ++i)
+      s.send(zmq::buffer(parts[i]), i + 1 < parts.size() ? zmq::send_flags::sndmore : zmq::send_flags::none);
+    zmq::pollitem_t item{s.handle(), 0, ZMQ_POLLIN, 0};
+    if (zmq::poll(&item, 1, timeout) != 1) return std::nullopt;
+    std::vector<zmq::message_t> msgs;
+    if (!zmq::recv_multipart(s, std::back_inserter(msgs))) return std::nullopt;
+    std::vector<std::string_view> pv;
+    for (auto& x : msgs) pv.emplace_back(static_cast<const char*>(x.data()), x.size());
+    return transport::decode_server(pv);
+  }
+};
+
+transport::hello_msg hello_with(const std::string& token) {
+  transport::hello_msg h;
+  h.client = "raw";
+  h.token = token;
+  return h;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(auth_token_wrong_or_missing_is_refused_without_a_session) {
+  transport::gateway_options o;
+  o.auth_token = "s3cret-token";
+  o.max_sessions = 1;  // refused hellos must not take the one slot
+  gateway_fixture f(o);
+  for (const std::string token : {"", "wrong", "s3cret-toke", "s3cret-token!", "S3cret-token"}) {
+    client c;
+    try {
+      c.connect(f.endpoint, "intruder", 3000ms, token);
+      BOOST_FAIL("a hello with token '" << token << "' was accepted");
+    } catch (const transport::client_error& e) {
+      BOOST_TEST((e.code == error_code::unauthorized), e.what());
+    }
+  }
+  BOOST_TEST(f.pr->opened.load() == 0);  // the supervisor never heard of them
+
+  // The gateway keeps nothing for a refused connection: its next frame is
+  // "before hello" (not queued for a session being opened), and a hello with
+  // the right token on the same connection then opens a session.
+  raw_client raw(f.endpoint);
+  auto r = raw.ask(hello_with("nope"));
+  BOOST_REQUIRE(r);
+  auto* e = std::get_if<transport::error_msg>(&*r);
+  BOOST_REQUIRE(e);
+  BOOST_TEST((e->code == error_code::unauthorized));
+  BOOST_TEST(e->fatal);
+  r = raw.ask(transport::text_msg{"let me in"});
+  BOOST_REQUIRE(r);
+  e = std::get_if<transport::error_msg>(&*r);
+  BOOST_REQUIRE(e);
+  BOOST_TEST((e->code == error_code::no_session));
+  r = raw.ask(hello_with("s3cret-token"));
+  BOOST_REQUIRE(r);
+  BOOST_TEST(std::holds_alternative<transport::welcome_msg>(*r));
+  BOOST_TEST(f.pr->opened.load() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(auth_token_right_one_opens_a_session) {
+  transport::gateway_options o;
+  o.auth_token = "s3cret-token";
+  gateway_fixture f(o);
+  client c;
+  const auto w = c.connect(f.endpoint, "friend", 3000ms, "s3cret-token");
+  BOOST_TEST(w.session == 1u);
+  c.send_text("hi");
+  BOOST_TEST(delta_text(until_turn_end(c)) == "session 1: hi");
+}
+
+BOOST_AUTO_TEST_CASE(no_auth_token_configured_is_open_as_before) {
+  gateway_fixture f;  // auth_token ""
+  client a, b;
+  BOOST_CHECK_NO_THROW(a.connect(f.endpoint, "plain", 3000ms));
+  BOOST_CHECK_NO_THROW(b.connect(f.endpoint, "with-token", 3000ms, "ignored"));
+  BOOST_TEST(f.pr->opened.load() == 2);
 }

@@ -217,6 +217,19 @@ BOOST_AUTO_TEST_CASE(type_names_and_error_names) {
   BOOST_TEST(std::string(type_name(server_message{turn_end_msg{}})) == "turn_end");
   BOOST_TEST(std::string(error_name(error_code::out_of_order)) == "out_of_order");
   BOOST_TEST(std::string(error_name(error_code::internal)) == "internal");
+  BOOST_TEST(std::string(error_name(error_code::unauthorized)) == "unauthorized");
+  BOOST_TEST(int(error_code::unauthorized) == 14);  // docs/protocol.md
+}
+
+BOOST_AUTO_TEST_CASE(hello_token_is_an_optional_key) {
+  // Without a token the hello is what a version-1 peer always sent: no "token" key.
+  hello_msg h;
+  h.client = "old";
+  const auto parts = encode(client_message{h});
+  BOOST_TEST(parts[0].find("token") == std::string::npos);
+  BOOST_TEST(std::get<hello_msg>(client_round_trip(h)).token.empty());
+  h.token = "s3cret";
+  BOOST_TEST(encode(client_message{h})[0].find("token") != std::string::npos);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

@@ -234,12 +234,17 @@ BOOST_AUTO_TEST_CASE(worker_frames_round_trip_and_reject_garbage) {
   BOOST_TEST(d2.context_rows == 120);
   BOOST_TEST(d2.llm_version == "m|1");
 
-  transport::worker_hello h{transport::worker_protocol_version, "w", "m|1", "chatml", 576, 8};
+  transport::worker_hello h{transport::worker_protocol_version, "w", "m|1", "chatml", 576, 8, ""};
   parts = transport::encode_worker(h);
   v.assign(parts.begin(), parts.end());
   auto h2 = std::get<transport::worker_hello>(transport::decode_worker(v));
   BOOST_TEST(h2.max_slots == 8);
   BOOST_TEST(h2.d_model == 576);
+  BOOST_TEST(h2.token.empty());  // optional key, absent
+  h.token = "w0rker-secret";
+  parts = transport::encode_worker(h);
+  v.assign(parts.begin(), parts.end());
+  BOOST_TEST(std::get<transport::worker_hello>(transport::decode_worker(v)).token == "w0rker-secret");
 
   using transport::protocol_error;
   auto rejects = [](std::vector<std::string> p, transport::error_code want) {
@@ -347,7 +352,7 @@ transport::worker_hub_options fake_hub_options(const std::string& bind) {
 transport::worker_link_options fake_link_options(const std::string& endpoint, const std::string& name) {
   transport::worker_link_options o;
   o.connect = endpoint;
-  o.hello = {transport::worker_protocol_version, name, "fake|1", "chatml", 4, 2};
+  o.hello = {transport::worker_protocol_version, name, "fake|1", "chatml", 4, 2, ""};
   o.heartbeat = 100ms;
   o.timeout = 1000ms;
   o.backoff_min = 50ms;
@@ -481,7 +486,7 @@ BOOST_AUTO_TEST_CASE(worker_link_round_trip_reconnect_queue_and_timeouts) {
     auto hub2 = transport::spawn_worker_hub(sys, ho, &ep2);
     raw_peer p(ep2);
     p.send(transport::encode_worker(transport::worker_hello{transport::worker_protocol_version, "raw", "fake|1",
-                                                              "chatml", 4, 1}));
+                                                              "chatml", 4, 1, ""}));
     BOOST_TEST(p.wait_for_type("welcome", 5s));
     const auto before = hub_stats(sys, hub2);
     BOOST_TEST(before.workers.size() == 1u);
@@ -535,6 +540,47 @@ BOOST_AUTO_TEST_CASE(worker_link_round_trip_reconnect_queue_and_timeouts) {
     BOOST_TEST(eventually([&] { return !link.failure().empty(); }, 10s));
     BOOST_TEST(link.failure().find("other|2") != std::string::npos);
   }
+  caf::anon_send_exit(hub, caf::exit_reason::user_shutdown);
+  caf::anon_send_exit(fake, caf::exit_reason::user_shutdown);
+}
+
+BOOST_AUTO_TEST_CASE(worker_auth_token_admits_only_the_right_one) {
+  sys_config cfg;
+  caf::actor_system sys{cfg};
+  auto fake = sys.spawn(fake_llm);
+  auto ho = fake_hub_options("tcp://127.0.0.1:*");
+  ho.auth_token = "w0rker-secret";
+  ho.open_wait = 60s;  // the queued open below must outlast a loaded machine
+  std::string ep;
+  auto hub = transport::spawn_worker_hub(sys, ho, &ep);
+  caf::scoped_actor self{sys};
+  int n = 0;
+  for (const std::string token : {"", "w0rker-secreT", "w0rker-secret-and-more"}) {
+    auto o = fake_link_options(ep, "intruder-" + std::to_string(++n));
+    o.hello.token = token;
+    transport::worker_link link(sys, fake, o);
+    BOOST_TEST(eventually([&] { return !link.failure().empty(); }, 10s));
+    BOOST_TEST(link.failure().find("unauthorized") != std::string::npos, link.failure());
+    // Refused before the LLM is compared: the refusal does not name the server's model.
+    BOOST_TEST(link.failure().find("fake|1") == std::string::npos, link.failure());
+    BOOST_TEST(!link.welcomed());
+  }
+  auto st = hub_stats(sys, hub);
+  BOOST_TEST(st.workers.empty());
+  BOOST_TEST(st.joined == 0);
+  BOOST_TEST(st.refused == 3);
+  // A session opened now waits for a worker (none was admitted) ...
+  self->send(hub, actors::llm_open{1, caf::actor_cast<caf::actor>(self)});
+  BOOST_TEST(hub_stats(sys, hub).queued == 1);
+  // ... and the worker with the right token takes it.
+  auto o = fake_link_options(ep, "friend");
+  o.hello.token = "w0rker-secret";
+  transport::worker_link link(sys, fake, o);
+  BOOST_REQUIRE(eventually([&] { return link.welcomed() && hub_stats(sys, hub).workers.size() == 1; }, 10s));
+  auto d = one_turn(self, hub, 1, 0);
+  BOOST_TEST(d.text == "echo:hi");
+  BOOST_TEST(link.failure().empty());
+  link.stop();
   caf::anon_send_exit(hub, caf::exit_reason::user_shutdown);
   caf::anon_send_exit(fake, caf::exit_reason::user_shutdown);
 }
@@ -606,7 +652,7 @@ BOOST_AUTO_TEST_CASE(remote_workers_balance_survive_garbage_and_a_killed_worker)
     p.send({transport::encode_worker(actors::llm_delta{1, 0, "stray"})[0], "extra part"});
     p.send(transport::encode_worker(actors::llm_delta{12345, 0, "from nowhere"}));  // -> reset
     transport::worker_hello wrong{transport::worker_protocol_version, "impostor", "another-model.gguf|1", "chatml",
-                                  576, 4};
+                                  576, 4, ""};
     p.send(transport::encode_worker(wrong));  // -> refused
     const auto got = p.receive_types(3s);
     for (auto& t : got) BOOST_TEST_MESSAGE("stranger got: " << t);

@@ -11,6 +11,7 @@
 #include <zmq_addon.hpp>
 
 #include "actors/messages.hpp"
+#include "transport/auth.hpp"
 
 namespace undertone::transport {
 
@@ -33,19 +34,29 @@ nlohmann::json swap_reply(const char* type, const actors::swap_result& r) {
 struct control_server::impl {
   caf::actor_system& sys;
   caf::actor supervisor;
+  std::string auth_token;  ///< "" = none
   zmq::context_t ctx{1};
   zmq::socket_t router{ctx, zmq::socket_type::router};
   std::string endpoint;
   std::atomic<bool> stop{false};
   std::thread thread;
 
-  impl(caf::actor_system& s, caf::actor sup) : sys(s), supervisor(std::move(sup)) {}
+  impl(caf::actor_system& s, caf::actor sup, std::string token)
+      : sys(s), supervisor(std::move(sup)), auth_token(std::move(token)) {}
 
   // One request -> one reply (both JSON; msgpack on the wire).
   nlohmann::json handle(const nlohmann::json& req) {
     if (!req.is_object()) return error_reply("bad_frame", "a request is a msgpack map");
     if (req.value("v", k_protocol_version) != k_protocol_version)
       return error_reply("unsupported_version", "control protocol version 1 only");
+    if (!auth_token.empty()) {
+      const auto tok = req.find("token");
+      const bool given = tok != req.end() && tok->is_string();
+      if (!given || !token_matches(auth_token, tok->get_ref<const std::string&>()))
+        return error_reply("unauthorized", given ? "wrong auth token"
+                                                 : "this server requires an auth token (\"token\"; --token or "
+                                                   "UNDERTONE_AUTH_TOKEN)");
+    }
     const std::string t = req.value("t", std::string());
     caf::scoped_actor self{sys};
     auto ask = [&](auto msg, std::chrono::seconds timeout, auto on_reply) -> nlohmann::json {
@@ -138,8 +149,9 @@ struct control_server::impl {
   }
 };
 
-control_server::control_server(caf::actor_system& sys, caf::actor supervisor, const std::string& bind)
-    : p_(std::make_unique<impl>(sys, std::move(supervisor))) {
+control_server::control_server(caf::actor_system& sys, caf::actor supervisor, const std::string& bind,
+                               const std::string& auth_token)
+    : p_(std::make_unique<impl>(sys, std::move(supervisor), auth_token)) {
   p_->router.set(zmq::sockopt::linger, 0);
   p_->router.set(zmq::sockopt::router_mandatory, 0);
   try {
@@ -159,9 +171,11 @@ control_server::~control_server() {
 
 const std::string& control_server::endpoint() const { return p_->endpoint; }
 
-nlohmann::json control_call(const std::string& endpoint, nlohmann::json request, std::chrono::milliseconds timeout) {
+nlohmann::json control_call(const std::string& endpoint, nlohmann::json request, std::chrono::milliseconds timeout,
+                            const std::string& token) {
   if (!request.is_object()) throw std::invalid_argument("control_call: the request must be a JSON object");
   if (!request.contains("v")) request["v"] = k_protocol_version;
+  if (!token.empty()) request["token"] = token;
   zmq::context_t ctx{1};
   zmq::socket_t s{ctx, zmq::socket_type::dealer};
   s.set(zmq::sockopt::linger, 0);

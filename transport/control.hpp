@@ -14,8 +14,10 @@
 // Threading: one I/O thread owns the socket and answers requests one at a
 // time; each request becomes a blocking CAF request to the supervisor (a swap
 // blocks the control endpoint, never the serving actors: the encoder loads
-// the checkpoint in its own thread between chunks). There is no
-// authentication: bind it to loopback (the default) or an ipc:// path.
+// the checkpoint in its own thread between chunks). With an auth token
+// (server.auth_token, transport/auth.hpp) every request must carry it as
+// "token" (else: an error reply with code "unauthorized"); without one, bind it
+// to loopback (the default) or an ipc:// path.
 #pragma once
 
 #include <chrono>
@@ -31,9 +33,11 @@ class control_server {
  public:
   /// Binds a ROUTER at `bind` and starts its thread, which forwards requests
   /// to `supervisor` (actors/supervisor.hpp: status_request, swap_encoder,
-  /// rollback_encoder). Throws std::runtime_error naming the endpoint if the
-  /// bind fails. Destroy it before the actor system (it joins its thread).
-  control_server(caf::actor_system& sys, caf::actor supervisor, const std::string& bind);
+  /// rollback_encoder). Requests must carry `auth_token` as "token" unless it
+  /// is empty. Throws std::runtime_error naming the endpoint if the bind
+  /// fails. Destroy it before the actor system (it joins its thread).
+  control_server(caf::actor_system& sys, caf::actor supervisor, const std::string& bind,
+                 const std::string& auth_token = "");
   ~control_server();
   control_server(const control_server&) = delete;
   control_server& operator=(const control_server&) = delete;
@@ -46,12 +50,14 @@ class control_server {
   std::unique_ptr<impl> p_;
 };
 
-/// Sends one request (a JSON object; "v" is added if missing) to a control
-/// endpoint and waits for the reply, decoded from msgpack. Throws
-/// std::runtime_error naming the endpoint if nothing answers within
-/// `timeout` or the reply is not a msgpack map. A refused swap is not an
-/// exception: the reply has "ok": false and a "message".
+/// Sends one request (a JSON object; "v" is added if missing, and "token" =
+/// `token` if that is non-empty) to a control endpoint and waits for the reply,
+/// decoded from msgpack. Throws std::runtime_error naming the endpoint if
+/// nothing answers within `timeout` or the reply is not a msgpack map. A
+/// refused swap or a wrong token is not an exception: the reply has "ok": false
+/// and a "message" (and "code": "unauthorized" for the token).
 nlohmann::json control_call(const std::string& endpoint, nlohmann::json request,
-                            std::chrono::milliseconds timeout = std::chrono::seconds(60));
+                            std::chrono::milliseconds timeout = std::chrono::seconds(60),
+                            const std::string& token = "");
 
 }  // namespace undertone::transport

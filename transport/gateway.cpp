@@ -1,23 +1,15 @@
 // The gateway actor and its ZeroMQ I/O thread (design in gateway.hpp).
 #include "transport/gateway.hpp"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <atomic>
-#include <cerrno>
 #include <cmath>
-#include <cstring>
-#include <deque>
-#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <unordered_map>
 
 #include <caf/all.hpp>
-#include <zmq.hpp>
-#include <zmq_addon.hpp>
+
+#include "transport/auth.hpp"
+#include "transport/router_loop.hpp"
 
 namespace undertone::transport {
 
@@ -28,6 +20,7 @@ gateway_options gateway_options::from(const config::server_config& c) {
   o.max_frame_bytes = c.max_frame_bytes;
   o.max_frames_per_second = double(c.max_frames_per_second);
   o.idle_timeout = std::chrono::milliseconds(c.idle_timeout_s * 1000);
+  o.auth_token = server_auth_token(c);
   return o;
 }
 
@@ -88,165 +81,6 @@ using sweep_atom = caf::atom_constant<caf::atom("gwsweep")>;    ///< timer: idle
 
 using clock_type = std::chrono::steady_clock;
 
-// ------------------------------------------------------------ I/O thread ----
-/// Owns the ROUTER socket (after construction, only the I/O thread touches it).
-class io_loop {
- public:
-  io_loop(const std::string& endpoint, size_t max_frame_bytes) : ctx_(1), router_(ctx_, zmq::socket_type::router),
-                                                                 max_frame_bytes_(max_frame_bytes) {
-    router_.set(zmq::sockopt::linger, 0);
-    // Hard cap far above the protocol limit: bigger messages make libzmq drop
-    // the peer instead of buffering them; those up to it get frame_too_large.
-    router_.set(zmq::sockopt::maxmsgsize, int64_t(std::max<size_t>(max_frame_bytes * 4, 1 << 20)));
-    router_.set(zmq::sockopt::sndhwm, 10000);
-    router_.set(zmq::sockopt::rcvhwm, 10000);
-    try {
-      router_.bind(endpoint);
-    } catch (const zmq::error_t& e) {
-      throw std::runtime_error("gateway: cannot bind " + endpoint + " (" + e.what() +
-                               "); set server.bind to a free endpoint");
-    }
-    endpoint_ = router_.get(zmq::sockopt::last_endpoint);
-    wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (wake_fd_ < 0) throw std::runtime_error(std::string("gateway: eventfd failed: ") + std::strerror(errno));
-  }
-  io_loop(const io_loop&) = delete;
-  io_loop& operator=(const io_loop&) = delete;
-  ~io_loop() {
-    stop();
-    if (wake_fd_ >= 0) ::close(wake_fd_);
-  }
-
-  const std::string& endpoint() const { return endpoint_; }
-
-  /// Starts the thread; incoming frames go to `target` while it lives.
-  void start(caf::actor_addr target) {
-    target_ = std::move(target);
-    thread_ = std::thread([this] { run(); });
-  }
-
-  /// Queues one frame for a client (any thread; never blocks on the network).
-  void post(std::string identity, std::vector<std::string> parts) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      out_.push_back({std::move(identity), std::move(parts)});
-    }
-    wake();
-  }
-
-  /// The actor finished one forwarded frame (flow control, see run()).
-  void consumed() { inflight_.fetch_sub(1); }
-
-  /// Stops and joins the thread; the socket is closed by the thread itself.
-  void stop() {
-    if (!thread_.joinable()) return;
-    stopping_.store(true);
-    wake();
-    thread_.join();
-  }
-
- private:
-  struct out_frame {
-    std::string identity;
-    std::vector<std::string> parts;
-  };
-
-  void wake() {
-    const uint64_t one = 1;
-    // EAGAIN means the counter is already non-zero: the thread will wake anyway.
-    [[maybe_unused]] auto n = ::write(wake_fd_, &one, sizeof one);
-  }
-
-  void run() {
-    zmq::pollitem_t items[2] = {{router_.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, wake_fd_, ZMQ_POLLIN, 0}};
-    std::deque<out_frame> batch;
-    while (!stopping_.load()) {
-      // Flow control: while the actor has max_inflight frames to work through,
-      // stop reading; ZeroMQ's queues (HWM) then push back on the senders
-      // instead of the actor's mailbox growing without bound.
-      const bool can_read = inflight_.load() < max_inflight;
-      items[0].events = can_read ? ZMQ_POLLIN : 0;
-      items[0].revents = 0;
-      try {
-        zmq::poll(items, 2, std::chrono::milliseconds(can_read ? -1 : 5));
-      } catch (const zmq::error_t& e) {
-        if (e.num() == EINTR) continue;
-        break;
-      }
-      if (items[1].revents & ZMQ_POLLIN) {
-        uint64_t n = 0;
-        [[maybe_unused]] auto r = ::read(wake_fd_, &n, sizeof n);
-        {
-          std::lock_guard<std::mutex> lock(mu_);
-          batch.swap(out_);
-        }
-        for (auto& f : batch) send_frame(f);
-        batch.clear();
-      }
-      if (items[0].revents & ZMQ_POLLIN) receive_some();
-    }
-    router_.close();
-  }
-
-  void send_frame(const out_frame& f) {
-    // ROUTER without ROUTER_MANDATORY drops frames for unknown or full peers
-    // instead of blocking, which is what a server wants.
-    try {
-      router_.send(zmq::buffer(f.identity), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-      for (size_t i = 0; i < f.parts.size(); ++i) {
-        const auto flags = i + 1 < f.parts.size() ? zmq::send_flags::sndmore | zmq::send_flags::dontwait
-                                                  : zmq::send_flags::dontwait;
-        router_.send(zmq::buffer(f.parts[i]), flags);
-      }
-    } catch (const zmq::error_t&) {
-      // EHOSTUNREACH cannot happen without ROUTER_MANDATORY; anything else is a
-      // peer we cannot reach: dropping the frame is the only option.
-    }
-  }
-
-  void receive_some() {
-    // Bounded so outgoing frames are not starved by a flood.
-    for (int i = 0; i < 256 && inflight_.load() < max_inflight; ++i) {
-      std::vector<zmq::message_t> msgs;
-      std::optional<size_t> got;
-      try {
-        got = zmq::recv_multipart(router_, std::back_inserter(msgs), zmq::recv_flags::dontwait);
-      } catch (const zmq::error_t&) {
-        return;
-      }
-      if (!got) return;
-      if (msgs.empty()) continue;
-      auto hdl = caf::actor_cast<caf::actor>(target_);
-      if (!hdl) continue;
-      std::string identity = msgs[0].to_string();
-      size_t total = 0;
-      for (size_t k = 1; k < msgs.size(); ++k) total += msgs[k].size();
-      inflight_.fetch_add(1);
-      if (total > max_frame_bytes_) {
-        caf::anon_send(hdl, oversize_atom::value, std::move(identity), uint64_t(total));
-        continue;
-      }
-      std::vector<std::string> parts;
-      parts.reserve(msgs.size() - 1);
-      for (size_t k = 1; k < msgs.size(); ++k) parts.push_back(msgs[k].to_string());
-      caf::anon_send(hdl, frame_atom::value, std::move(identity), std::move(parts));
-    }
-  }
-
-  zmq::context_t ctx_;
-  zmq::socket_t router_;
-  size_t max_frame_bytes_;
-  std::string endpoint_;
-  int wake_fd_ = -1;
-  caf::actor_addr target_;
-  std::thread thread_;
-  std::atomic<bool> stopping_{false};
-  static constexpr int64_t max_inflight = 4096;  ///< frames handed to the actor, not yet handled
-  std::atomic<int64_t> inflight_{0};
-  std::mutex mu_;
-  std::deque<out_frame> out_;
-};
-
 // ----------------------------------------------------------------- actor ----
 struct client_state {
   bool open = false;                 ///< false: hello sent to the supervisor, no session yet
@@ -264,7 +98,7 @@ struct client_state {
 struct gateway_state {
   gateway_options opt;
   caf::actor supervisor;
-  std::shared_ptr<io_loop> io;
+  std::shared_ptr<router_loop> io;
   std::unordered_map<std::string, client_state> clients;
   static inline const char* name = "gateway";
 
@@ -412,6 +246,16 @@ void on_frame(gateway_actor* self, const std::string& identity, std::vector<std:
                    std::string(type_name(msg)) + " before hello: say hello first");
       return;
     }
+    // Before anything else, so a stranger learns nothing (not even whether the
+    // server is full) and leaves no client_state behind.
+    if (!st.opt.auth_token.empty() && !token_matches(st.opt.auth_token, std::get<hello_msg>(msg).token)) {
+      send_error(self, identity, error_code::unauthorized,
+                 std::get<hello_msg>(msg).token.empty()
+                     ? "this server requires an auth token: pass --token or set UNDERTONE_AUTH_TOKEN"
+                     : "wrong auth token",
+                 true);
+      return;
+    }
     if (int64_t(st.clients.size()) >= st.opt.max_sessions) {
       send_error(self, identity, error_code::server_full,
                  "the server has " + std::to_string(st.opt.max_sessions) + " sessions; try again later", true);
@@ -448,7 +292,7 @@ void on_frame(gateway_actor* self, const std::string& identity, std::vector<std:
 }
 
 caf::behavior gateway_behavior(gateway_actor* self, gateway_options opt, caf::actor supervisor,
-                               std::shared_ptr<io_loop> io) {
+                               std::shared_ptr<router_loop> io) {
   self->state.opt = std::move(opt);
   self->state.supervisor = std::move(supervisor);
   self->state.io = std::move(io);
@@ -552,10 +396,35 @@ caf::behavior gateway_behavior(gateway_actor* self, gateway_options opt, caf::ac
 caf::actor spawn_gateway(caf::actor_system& sys, const gateway_options& o, caf::actor supervisor,
                          std::string* bound_endpoint) {
   if (o.max_frame_bytes <= 0) throw std::invalid_argument("gateway: max_frame_bytes must be positive");
-  auto io = std::make_shared<io_loop>(o.bind, size_t(o.max_frame_bytes));
+  router_loop_options ro;
+  ro.endpoint = o.bind;
+  ro.name = "gateway";
+  ro.config_key = "server.bind";
+  ro.linger_ms = 0;
+  // Hard cap far above the protocol limit: bigger messages make libzmq drop
+  // the peer instead of buffering them; those up to it get frame_too_large.
+  ro.max_message_bytes = int64_t(std::max<size_t>(size_t(o.max_frame_bytes) * 4, 1 << 20));
+  ro.hwm = 10000;
+  ro.max_frame_bytes = size_t(o.max_frame_bytes);
+  // While the actor has this many frames to work through, stop reading:
+  // ZeroMQ's queues then push back on the senders instead of the actor's
+  // mailbox growing without bound.
+  ro.max_inflight = 4096;
+  auto io = std::make_shared<router_loop>(std::move(ro));
   if (bound_endpoint) *bound_endpoint = io->endpoint();
   auto gw = sys.spawn(gateway_behavior, o, std::move(supervisor), io);
-  io->start(caf::actor_cast<caf::actor_addr>(gw));
+  // Every incoming frame goes to the actor unparsed; all client state lives there.
+  const auto target = caf::actor_cast<caf::actor_addr>(gw);
+  router_loop_callbacks cb;
+  cb.on_frame = [target](std::string identity, std::vector<std::string> parts) {
+    if (auto hdl = caf::actor_cast<caf::actor>(target))
+      caf::anon_send(hdl, frame_atom::value, std::move(identity), std::move(parts));
+  };
+  cb.on_oversize = [target](std::string identity, uint64_t bytes) {
+    if (auto hdl = caf::actor_cast<caf::actor>(target))
+      caf::anon_send(hdl, oversize_atom::value, std::move(identity), bytes);
+  };
+  io->start(std::move(cb));
   return gw;
 }
 

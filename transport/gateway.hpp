@@ -7,7 +7,7 @@
 //   session --to_client_* / session_closed--> gateway actor --frame--> client
 //
 // Threading: ZeroMQ sockets are not thread-safe, so one dedicated I/O thread
-// owns the ROUTER socket. It polls the ROUTER together with an eventfd that the
+// (transport/router_loop.hpp) owns the ROUTER socket. It polls the ROUTER together with an eventfd that the
 // actor signals after queueing outgoing frames (a mutex-guarded queue), so the
 // actor never blocks a CAF scheduler thread and never touches a socket. Every
 // incoming frame is handed to the actor unparsed (caf::anon_send); all client
@@ -34,12 +34,17 @@ struct gateway_options {
   int64_t max_frame_bytes = 1 << 20;          ///< all parts of one frame together
   double max_frames_per_second = 200;         ///< per client, token bucket (burst = one second's worth)
   std::chrono::milliseconds idle_timeout{300'000};  ///< no frame for this long -> client_gone
+  /// Token a hello must carry ("" = no authentication). A hello without it (or
+  /// with another) gets a fatal `unauthorized` error and leaves no state behind.
+  std::string auth_token;
   /// Settings a new session starts with (the [session]/[sampling]/[vad] defaults);
   /// sent in open_session and patched by the client's config frames.
   actors::session_settings default_settings;
 
-  /// The [server] keys (default_settings is left at its defaults: the caller
-  /// knows how the config maps onto session settings).
+  /// The [server] keys, the auth token resolved by transport::server_auth_token
+  /// (env UNDERTONE_AUTH_TOKEN, auth_token, auth_token_file; throws if the token
+  /// file cannot be read). default_settings is left at its defaults: the caller
+  /// knows how the config maps onto session settings.
   static gateway_options from(const config::server_config& c);
 };
 

@@ -2,13 +2,8 @@
 // worker_link.hpp.
 #include "transport/worker_link.hpp"
 
-#include <sys/eventfd.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
-#include <cstring>
 #include <deque>
 #include <iostream>
 #include <mutex>
@@ -20,6 +15,9 @@
 #include <caf/all.hpp>
 #include <zmq.hpp>
 #include <zmq_addon.hpp>
+
+#include "transport/auth.hpp"
+#include "transport/router_loop.hpp"
 
 namespace undertone::transport {
 
@@ -36,62 +34,6 @@ std::function<void(const std::string&)> or_stderr(std::function<void(const std::
   return [](const std::string& s) { std::cerr << s << "\n"; };
 }
 
-/// The eventfd + mutex-guarded queue through which actors hand frames to an I/O thread.
-class out_queue {
- public:
-  struct item {
-    std::string identity;  ///< ROUTER: the peer; DEALER: unused
-    std::vector<std::string> parts;
-  };
-  out_queue() {
-    fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fd_ < 0) throw std::runtime_error(std::string("worker link: eventfd failed: ") + std::strerror(errno));
-  }
-  ~out_queue() { ::close(fd_); }
-  out_queue(const out_queue&) = delete;
-  out_queue& operator=(const out_queue&) = delete;
-
-  int fd() const { return fd_; }
-  void post(std::string identity, std::vector<std::string> parts) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      q_.push_back({std::move(identity), std::move(parts)});
-    }
-    wake();
-  }
-  void wake() {
-    const uint64_t one = 1;
-    // EAGAIN: the counter is already non-zero, the thread wakes anyway.
-    [[maybe_unused]] auto n = ::write(fd_, &one, sizeof one);
-  }
-  /// Clears the eventfd and takes everything queued.
-  std::deque<item> take() {
-    uint64_t n = 0;
-    [[maybe_unused]] auto r = ::read(fd_, &n, sizeof n);
-    std::deque<item> out;
-    std::lock_guard<std::mutex> lock(mu_);
-    out.swap(q_);
-    return out;
-  }
-
- private:
-  int fd_ = -1;
-  std::mutex mu_;
-  std::deque<item> q_;
-};
-
-void send_parts(zmq::socket_t& s, const std::vector<std::string>& parts, const std::string* identity) {
-  // dontwait: a peer that is gone or not keeping up loses the frame instead of
-  // blocking the thread (the heartbeat timeout then deals with it).
-  try {
-    if (identity) s.send(zmq::buffer(*identity), zmq::send_flags::sndmore | zmq::send_flags::dontwait);
-    for (size_t i = 0; i < parts.size(); ++i)
-      s.send(zmq::buffer(parts[i]), i + 1 < parts.size() ? zmq::send_flags::sndmore | zmq::send_flags::dontwait
-                                                         : zmq::send_flags::dontwait);
-  } catch (const zmq::error_t&) {
-  }
-}
-
 std::string hex_id(const std::string& identity) {
   static const char* d = "0123456789abcdef";
   std::string out;
@@ -103,141 +45,6 @@ std::string hex_id(const std::string& identity) {
 }
 
 // =================================================================== hub ====
-
-/// Owns the hub's ROUTER. Incoming frames go to the actor unparsed; an empty
-/// one-part frame stands for "this peer's connection closed".
-///
-/// A worker killed outright sends no bye, but its TCP connection closes. The
-/// ROUTER does not say whose (ZMQ_ROUTER_NOTIFY is a draft option Debian's
-/// libzmq lacks), so the thread remembers the file descriptor each peer's
-/// frames came in on (message property ZMQ_SRCFD) and watches the socket
-/// monitor's DISCONNECTED events, which carry that descriptor. The heartbeat
-/// timeout remains the fallback (a machine that vanished closes nothing).
-class hub_io {
- public:
-  hub_io(const std::string& endpoint, size_t max_frame_bytes)
-      : ctx_(1), router_(ctx_, zmq::socket_type::router), monitor_(ctx_, zmq::socket_type::pair) {
-    router_.set(zmq::sockopt::linger, 200);
-    router_.set(zmq::sockopt::maxmsgsize, int64_t(max_frame_bytes));
-    router_.set(zmq::sockopt::sndhwm, 100000);
-    router_.set(zmq::sockopt::rcvhwm, 100000);
-    try {
-      router_.bind(endpoint);
-    } catch (const zmq::error_t& e) {
-      throw std::runtime_error("worker hub: cannot bind " + endpoint + " (" + e.what() +
-                               "); set server.worker_bind to a free endpoint");
-    }
-    endpoint_ = router_.get(zmq::sockopt::last_endpoint);
-    const std::string mon = "inproc://undertone-worker-hub-monitor";
-    if (zmq_socket_monitor(router_.handle(), mon.c_str(), ZMQ_EVENT_DISCONNECTED) == 0) {
-      monitor_.set(zmq::sockopt::linger, 0);
-      monitor_.connect(mon);
-      monitoring_ = true;
-    }
-  }
-  ~hub_io() { stop(); }
-  hub_io(const hub_io&) = delete;
-  hub_io& operator=(const hub_io&) = delete;
-
-  const std::string& endpoint() const { return endpoint_; }
-  void start(caf::actor_addr target) {
-    target_ = std::move(target);
-    thread_ = std::thread([this] { run(); });
-  }
-  void post(const std::string& identity, std::vector<std::string> parts) { out_.post(identity, std::move(parts)); }
-  /// Sends what is queued (e.g. the byes), then closes the socket and joins.
-  void stop() {
-    if (!thread_.joinable()) return;
-    stopping_.store(true);
-    out_.wake();
-    thread_.join();
-  }
-
- private:
-  void flush() {
-    for (auto& f : out_.take()) send_parts(router_, f.parts, &f.identity);
-  }
-  void run() {
-    zmq::pollitem_t items[3] = {{router_.handle(), 0, ZMQ_POLLIN, 0},
-                                {nullptr, out_.fd(), ZMQ_POLLIN, 0},
-                                {monitor_.handle(), 0, short(monitoring_ ? ZMQ_POLLIN : 0), 0}};
-    while (!stopping_.load()) {
-      try {
-        zmq::poll(items, 3, std::chrono::milliseconds(-1));
-      } catch (const zmq::error_t& e) {
-        if (e.num() == EINTR) continue;
-        break;
-      }
-      if (items[1].revents & ZMQ_POLLIN) flush();
-      if (items[0].revents & ZMQ_POLLIN) receive_some();
-      if (items[2].revents & ZMQ_POLLIN) monitor_events();
-    }
-    flush();
-    if (monitoring_) {
-      zmq_socket_monitor(router_.handle(), nullptr, 0);
-      monitor_.close();
-    }
-    router_.close();  // linger 200 ms: the byes go out
-  }
-  void monitor_events() {
-    for (int i = 0; i < 64; ++i) {
-      std::vector<zmq::message_t> ev;
-      std::optional<size_t> got;
-      try {
-        got = zmq::recv_multipart(monitor_, std::back_inserter(ev), zmq::recv_flags::dontwait);
-      } catch (const zmq::error_t&) {
-        return;
-      }
-      if (!got) return;
-      if (ev.empty() || ev[0].size() < 6) continue;
-      uint16_t event = 0;
-      uint32_t value = 0;
-      std::memcpy(&event, ev[0].data(), 2);
-      std::memcpy(&value, static_cast<const char*>(ev[0].data()) + 2, 4);
-      if (event != ZMQ_EVENT_DISCONNECTED) continue;
-      auto it = peer_of_fd_.find(int(value));
-      if (it == peer_of_fd_.end()) continue;
-      auto hdl = caf::actor_cast<caf::actor>(target_);
-      if (hdl) caf::anon_send(hdl, hub_frame_atom::value, it->second, std::vector<std::string>{std::string()});
-      peer_of_fd_.erase(it);
-    }
-  }
-  void receive_some() {
-    for (int i = 0; i < 256; ++i) {
-      std::vector<zmq::message_t> msgs;
-      std::optional<size_t> got;
-      try {
-        got = zmq::recv_multipart(router_, std::back_inserter(msgs), zmq::recv_flags::dontwait);
-      } catch (const zmq::error_t&) {
-        return;
-      }
-      if (!got) return;
-      if (msgs.empty()) continue;
-      auto hdl = caf::actor_cast<caf::actor>(target_);
-      if (!hdl) continue;
-      std::string identity = msgs[0].to_string();
-      if (msgs.size() > 1) {
-        const int fd = msgs[1].get(ZMQ_SRCFD);
-        if (fd >= 0) peer_of_fd_[fd] = identity;
-      }
-      std::vector<std::string> parts;
-      for (size_t k = 1; k < msgs.size(); ++k) parts.push_back(msgs[k].to_string());
-      // An empty single part is reserved for "disconnected" (frames never are).
-      if (parts.size() == 1 && parts[0].empty()) parts.push_back({});
-      caf::anon_send(hdl, hub_frame_atom::value, std::move(identity), std::move(parts));
-    }
-  }
-
-  zmq::context_t ctx_;
-  zmq::socket_t router_, monitor_;
-  bool monitoring_ = false;
-  std::unordered_map<int, std::string> peer_of_fd_;  ///< connection fd -> the peer's routing id
-  std::string endpoint_;
-  out_queue out_;
-  caf::actor_addr target_;
-  std::thread thread_;
-  std::atomic<bool> stopping_{false};
-};
 
 struct hub_worker {
   std::string identity;
@@ -263,7 +70,7 @@ constexpr size_t max_buffered = 100000;  ///< messages of one queued session
 
 struct hub_state {
   worker_hub_options o;
-  std::shared_ptr<hub_io> io;
+  std::shared_ptr<router_loop> io;
   std::string endpoint;
   std::vector<hub_worker> workers;  ///< live, in order of arrival
   std::unordered_map<actors::session_id, hub_session> sessions;
@@ -401,6 +208,19 @@ std::string check_hello(const hub_state& st, const worker_hello& h) {
 
 void on_hello(hub_actor* self, const std::string& identity, const worker_hello& h) {
   auto& st = self->state;
+  // First, and without touching any state: a worker without the token learns
+  // nothing about the server (not even its LLM) and is not admitted.
+  if (!st.o.auth_token.empty() && !token_matches(st.o.auth_token, h.token)) {
+    ++st.counters.refused;
+    st.o.log("worker hub: refused a worker from " + hex_id(identity) + ": " +
+             (h.token.empty() ? "no auth token" : "wrong auth token"));
+    to_worker(st, identity,
+              worker_refused{std::string("refused by the server: unauthorized: ") +
+                             (h.token.empty() ? "it requires an auth token (undertone worker --token, or "
+                                                "UNDERTONE_AUTH_TOKEN)"
+                                              : "wrong auth token")});
+    return;
+  }
   if (find_worker(st, identity)) worker_dead(self, identity, "it said hello again");
   const std::string name = h.name.empty() ? hex_id(identity) : h.name;
   if (auto why = check_hello(st, h); !why.empty()) {
@@ -435,7 +255,7 @@ void on_reply(hub_actor* self, hub_worker& w, Reply& m) {
 void on_frame(hub_actor* self, const std::string& identity, std::vector<std::string>& parts) {
   auto& st = self->state;
   hub_worker* w = find_worker(st, identity);
-  if (parts.size() == 1 && parts[0].empty()) {  // hub_io: the peer's connection closed
+  if (parts.size() == 1 && parts[0].empty()) {  // the I/O thread: the peer's connection closed
     if (w) worker_dead(self, identity, "disconnected");
     return;
   }
@@ -538,7 +358,7 @@ void sweep(hub_actor* self) {
   }
 }
 
-caf::behavior hub_behavior(hub_actor* self, worker_hub_options o, std::shared_ptr<hub_io> io) {
+caf::behavior hub_behavior(hub_actor* self, worker_hub_options o, std::shared_ptr<router_loop> io) {
   auto& st = self->state;
   st.o = std::move(o);
   st.o.log = or_stderr(std::move(st.o.log));
@@ -611,16 +431,40 @@ worker_hub_options worker_hub_options::from(const config::server_config& c) {
   o.timeout = std::chrono::milliseconds(c.worker_timeout_s * 1000);
   o.heartbeat = o.timeout / 5;
   o.open_wait = std::chrono::milliseconds(c.worker_wait_s * 1000);
+  o.auth_token = server_auth_token(c);
   return o;
 }
 
 caf::actor spawn_worker_hub(caf::actor_system& sys, const worker_hub_options& o, std::string* bound_endpoint) {
   if (o.heartbeat.count() <= 0 || o.timeout <= o.heartbeat)
     throw std::invalid_argument("worker hub: the timeout must be longer than the heartbeat period");
-  auto io = std::make_shared<hub_io>(o.bind, o.max_frame_bytes);
+  router_loop_options ro;
+  ro.endpoint = o.bind;
+  ro.name = "worker hub";
+  ro.config_key = "server.worker_bind";
+  ro.linger_ms = 200;  // the byes at shutdown go out
+  ro.max_message_bytes = int64_t(o.max_frame_bytes);
+  ro.hwm = 100000;
+  ro.watch_disconnects = true;  // a worker killed with kill -9 is noticed at once
+  ro.flush_on_stop = true;
+  auto io = std::make_shared<router_loop>(std::move(ro));
   if (bound_endpoint) *bound_endpoint = io->endpoint();
   auto hub = sys.spawn(hub_behavior, o, io);
-  io->start(caf::actor_cast<caf::actor_addr>(hub));
+  // Frames go to the actor unparsed. An empty single part stands for "this
+  // peer's connection closed"; a real frame of one empty part gets a second
+  // one so the two cannot be confused (frames are never empty).
+  const auto target = caf::actor_cast<caf::actor_addr>(hub);
+  router_loop_callbacks cb;
+  cb.on_frame = [target](std::string identity, std::vector<std::string> parts) {
+    if (parts.size() == 1 && parts[0].empty()) parts.push_back({});
+    if (auto hdl = caf::actor_cast<caf::actor>(target))
+      caf::anon_send(hdl, hub_frame_atom::value, std::move(identity), std::move(parts));
+  };
+  cb.on_disconnect = [target](std::string identity) {
+    if (auto hdl = caf::actor_cast<caf::actor>(target))
+      caf::anon_send(hdl, hub_frame_atom::value, std::move(identity), std::vector<std::string>{std::string()});
+  };
+  io->start(std::move(cb));
   return hub;
 }
 
@@ -631,7 +475,7 @@ caf::actor spawn_worker_hub(caf::actor_system& sys, const worker_hub_options& o,
 struct worker_link::impl {
   worker_link_options o;
   caf::actor llm, bridge;
-  out_queue out;
+  wake_queue out{"worker link"};
   std::thread thread;
   std::atomic<bool> stopping{false}, is_welcomed{false};
   std::atomic<int64_t> n_sessions{0};

@@ -23,8 +23,9 @@
 // answers back, heartbeats, and reconnects with backoff when the server goes
 // away (its slots are dropped: the server re-opens the sessions elsewhere).
 //
-// Threading: as in transport/gateway.hpp, one I/O thread per socket owns it
-// (polling it with an eventfd that wakes it for queued outgoing frames); the
+// Threading: one I/O thread per socket owns it, polling it with an eventfd
+// that wakes it for queued outgoing frames (the hub: transport/router_loop.hpp,
+// as the gateway; the worker: its own DEALER loop on the same wake_queue); the
 // actors never touch a socket.
 #pragma once
 
@@ -53,11 +54,15 @@ struct worker_hub_options {
   std::chrono::milliseconds timeout{5000};     ///< a worker silent this long is dead
   std::chrono::milliseconds open_wait{30000};  ///< an llm_open with no worker fails after this
   size_t max_frame_bytes = 64u << 20;          ///< larger worker frames are dropped
+  /// Token a worker's hello must carry ("" = none); others get `refused`.
+  std::string auth_token;
   /// Log lines (worker joined/lost/refused, malformed frames). Null: stderr.
   std::function<void(const std::string&)> log;
 
   /// From [server]: worker_bind, worker_timeout_s (heartbeat = timeout / 5),
-  /// worker_wait_s (open_wait); the expected LLM is left for the caller.
+  /// worker_wait_s (open_wait), the auth token (transport::server_auth_token;
+  /// throws if the token file cannot be read); the expected LLM is left for
+  /// the caller.
   static worker_hub_options from(const config::server_config& c);
 };
 
@@ -73,7 +78,7 @@ struct worker_hub_stats {
   int64_t queued = 0;       ///< sessions waiting for a worker
   int64_t joined = 0;       ///< hellos accepted
   int64_t lost = 0;         ///< workers declared dead (bye, disconnect, timeout)
-  int64_t refused = 0;      ///< hellos refused (mismatch)
+  int64_t refused = 0;      ///< hellos refused (mismatch or wrong auth token)
   int64_t bad_frames = 0;   ///< undecodable or misdirected frames dropped
 };
 template <class Inspector>
@@ -100,7 +105,7 @@ caf::actor spawn_worker_hub(caf::actor_system& sys, const worker_hub_options& o,
 // ---------------------------------------------------------------- worker ----
 struct worker_link_options {
   std::string connect;                 ///< the server's worker_bind, e.g. tcp://10.0.0.5:5556
-  worker_hello hello;                  ///< name, llm version, template, d_model, slots
+  worker_hello hello;                  ///< name, llm version, template, d_model, slots, auth token
   std::chrono::milliseconds heartbeat{1000};
   std::chrono::milliseconds timeout{5000};      ///< server silent this long: reconnect
   std::chrono::milliseconds backoff_min{250};   ///< first hello retry ...

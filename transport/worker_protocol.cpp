@@ -40,12 +40,15 @@ struct encoder {
   packer p{buf};
 
   std::vector<std::string> operator()(const worker_hello& m) {
-    begin(p, "hello", 5);
+    // "token" is optional (absent when empty), so a worker without one still
+    // speaks version 1 to a server without authentication.
+    begin(p, "hello", m.token.empty() ? 5 : 6);
     kv(p, "name", m.name);
     kv(p, "llm", m.llm_version);
     kv(p, "template", m.chat_template);
     kv(p, "d_model", m.d_model);
     kv(p, "slots", m.max_slots);
+    if (!m.token.empty()) kv(p, "token", m.token);
     return {done(buf)};
   }
   std::vector<std::string> operator()(const worker_welcome& m) {
@@ -293,6 +296,7 @@ worker_frame decode_worker(const std::vector<std::string_view>& parts, size_t ma
     m.chat_template = r.str("template");
     m.d_model = r.integer<int64_t>("d_model");
     m.max_slots = r.integer<int64_t>("slots");
+    if (r.find("token")) m.token = r.str("token");
     return m;
   }
   if (t == "welcome") return worker_welcome{r.str("server")};

@@ -31,6 +31,7 @@ struct worker_hello {
   std::string chat_template;  ///< "chatml" / "llama3": must equal the server's
   int64_t d_model = 0;        ///< width of a speech row: must equal the server's
   int64_t max_slots = 0;      ///< sessions it accepts (llm.max_slots)
+  std::string token;          ///< the server's auth token ("" = none; optional key "token")
 };
 /// Server -> worker: hello accepted.
 struct worker_welcome { std::string server; };

@@ -416,6 +416,35 @@ std::vector<teacher_response> teacher_responses(const alignment_llm& llm, teache
   return out;
 }
 
+torch::Dtype llm_dtype_of(const std::string& s, const std::string& what) {
+  if (s == "fp32") return torch::kFloat32;
+  if (s == "bf16") return torch::kBFloat16;
+  throw std::invalid_argument(what + " '" + s + "' is not fp32 or bf16");
+}
+
+std::vector<teacher_response> teacher_responses_in_dtype(
+    const alignment_llm& llm, const llama_options& llm_options, const std::string& teacher_dtype,
+    const std::string& chat_template_name, teacher_cache& cache, const std::vector<teacher_request>& reqs,
+    const teacher_options& opt, teacher_stats* stats, const std::function<void(size_t, size_t)>& progress,
+    const std::string& what_prefix) {
+  size_t missing = 0;
+  for (const auto& q : reqs) missing += !cache.find(q);
+  // A second LLM costs its weights in memory and seconds to load: only when
+  // something must be generated and the serving dtype is not the teacher's.
+  std::optional<alignment_llm> teacher_llm;
+  const alignment_llm* teacher = &llm;
+  if (missing) {
+    const auto td = llm_dtype_of(teacher_dtype, what_prefix + "teacher dtype");
+    if (td != llm_options.dtype) {
+      llama_options to = llm_options;
+      to.dtype = td;
+      teacher_llm = alignment_llm::load(llm.path, to, chat_template_name);
+      teacher = &*teacher_llm;
+    }
+  }
+  return teacher_responses(*teacher, cache, reqs, opt, stats, progress);
+}
+
 // ---------------------------------------------------------------- features
 
 feature_store::feature_store(const std::string& dir, const mel_config& mel, std::shared_ptr<whisper_encoder> encoder,

@@ -188,6 +188,24 @@ std::vector<teacher_response> teacher_responses(const alignment_llm& llm, teache
                                                 teacher_stats* stats = nullptr,
                                                 const std::function<void(size_t, size_t)>& progress = {});
 
+/// "fp32" -> kFloat32, "bf16" -> kBFloat16; anything else throws
+/// std::invalid_argument("<what> '<s>' is not fp32 or bf16").
+torch::Dtype llm_dtype_of(const std::string& s, const std::string& what);
+
+/// teacher_responses() with the answers generated in `teacher_dtype` ("fp32" /
+/// "bf16", the dtype that is part of the cache's identity) although `llm` may
+/// run in another one (llm_options.dtype): only when the cache misses an answer
+/// AND the dtypes differ is a second copy of the LLM (llm.path, llm_options
+/// with the teacher dtype, `chat_template_name`) loaded for the generation and
+/// freed afterwards; otherwise `llm` answers (or nothing is generated).
+/// Throws std::invalid_argument (via llm_dtype_of, message "<what_prefix>teacher
+/// dtype ...") for an unknown teacher_dtype when a generation is needed.
+std::vector<teacher_response> teacher_responses_in_dtype(
+    const alignment_llm& llm, const llama_options& llm_options, const std::string& teacher_dtype,
+    const std::string& chat_template_name, teacher_cache& cache, const std::vector<teacher_request>& reqs,
+    const teacher_options& opt, teacher_stats* stats = nullptr,
+    const std::function<void(size_t, size_t)>& progress = {}, const std::string& what_prefix = "");
+
 // ---------------------------------------------------------------- features
 
 /// Per-utterance encoder inputs, computed once and cached on disk

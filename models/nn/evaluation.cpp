@@ -37,12 +37,6 @@ torch::Tensor ids_tensor(const std::vector<int32_t>& ids, torch::Device dev) {
   return torch::tensor(v, torch::kLong).to(dev);
 }
 
-torch::Dtype dtype_of(const std::string& s, const char* what) {
-  if (s == "fp32") return torch::kFloat32;
-  if (s == "bf16") return torch::kBFloat16;
-  throw std::invalid_argument(std::string(what) + " '" + s + "' is not fp32 or bf16");
-}
-
 }  // namespace
 
 // ---------------------------------------------------------------- building blocks
@@ -553,7 +547,7 @@ eval_report run_evaluation(const eval_options& opt) {
   // ---- LLM
   llama_options lo;
   lo.device = torch::Device(opt.llm_device);
-  lo.dtype = dtype_of(opt.llm_dtype, "LLM dtype");
+  lo.dtype = llm_dtype_of(opt.llm_dtype, "LLM dtype");
   auto t0 = std::chrono::steady_clock::now();
   if (opt.llm_path.empty()) throw std::invalid_argument("run_evaluation: llm_path is empty");
   alignment_llm llm = alignment_llm::load(opt.llm_path, lo, opt.chat_template);
@@ -607,24 +601,15 @@ eval_report run_evaluation(const eval_options& opt) {
       reqs.push_back({alignment_task::semantic, t, emotion_label::unlabeled});
       for (auto e : four_class_labels()) reqs.push_back({alignment_task::emotion, t, e});
     }
-    size_t missing = 0;
-    for (const auto& q : reqs) missing += !cache.find(q);
-    std::optional<alignment_llm> teacher_llm;
-    const alignment_llm* teacher = &llm;
-    if (missing && dtype_of(opt.teacher_dtype, "teacher dtype") != lo.dtype) {
-      llama_options to = lo;
-      to.dtype = dtype_of(opt.teacher_dtype, "teacher dtype");
-      teacher_llm = alignment_llm::load(opt.llm_path, to, opt.chat_template);
-      teacher = &*teacher_llm;
-    }
     teacher_options topt;
     topt.max_tokens = opt.max_response_tokens;
     topt.batch = opt.teacher_batch;
     teacher_stats st;
     progress_bar bar("teacher", opt.quiet ? 0 : opt.progress_tty, 30.0);
-    auto resp = teacher_responses(*teacher, cache, reqs, topt, &st, [&](size_t d, size_t n) {
-      if (!opt.quiet) bar.update(int64_t(d), int64_t(n), 0, "");
-    });
+    auto resp = teacher_responses_in_dtype(llm, lo, opt.teacher_dtype, opt.chat_template, cache, reqs, topt, &st,
+                                           [&](size_t d, size_t n) {
+                                             if (!opt.quiet) bar.update(int64_t(d), int64_t(n), 0, "");
+                                           });
     bar.finish();
     log("teacher: " + std::to_string(st.requests) + " answers, " + std::to_string(st.hits) + " cached, " +
         std::to_string(st.generated) + " generated (" + cache.file() + ")");

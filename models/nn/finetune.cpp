@@ -37,12 +37,6 @@ double seconds_since(clock_type::time_point t0) {
   return std::chrono::duration<double>(clock_type::now() - t0).count();
 }
 
-torch::Dtype dtype_of(const std::string& s, const char* what) {
-  if (s == "fp32") return torch::kFloat32;
-  if (s == "bf16") return torch::kBFloat16;
-  throw std::invalid_argument(std::string("finetune: ") + what + " '" + s + "' is not fp32 or bf16");
-}
-
 template <class T>
 void shuffle(std::vector<T>& v, uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -316,7 +310,7 @@ finetune_result run_round(const finetune_options& o, const std::string& priority
   // ---- frozen LLM
   llama_options lo;
   lo.device = torch::Device(o.llm_device);
-  lo.dtype = dtype_of(o.llm_dtype, "llm dtype");
+  lo.dtype = llm_dtype_of(o.llm_dtype, "finetune: llm dtype");
   auto t0 = clock_type::now();
   auto llm = alignment_llm::load(o.llm_path, lo, o.chat_template);
   log("LLM: " + o.llm_path + " (" + o.llm_dtype + ", " + std::to_string(seconds_since(t0)) + " s)");
@@ -345,20 +339,10 @@ finetune_result run_round(const finetune_options& o, const std::string& priority
     auto vr = requests_for(val);
     reqs.insert(reqs.end(), vr.begin(), vr.end());
     reqs.insert(reqs.end(), rank_reqs.begin(), rank_reqs.end());
-    size_t missing = 0;
-    for (const auto& q : reqs) missing += !tcache.find(q);
-    std::optional<alignment_llm> teacher_llm;
-    const alignment_llm* teacher = &llm;
-    if (missing && dtype_of(o.teacher_dtype, "teacher dtype") != lo.dtype) {
-      llama_options to = lo;
-      to.dtype = dtype_of(o.teacher_dtype, "teacher dtype");
-      teacher_llm = alignment_llm::load(o.llm_path, to, o.chat_template);
-      teacher = &*teacher_llm;
-    }
     teacher_stats st;
-    auto resp = teacher_responses(*teacher, tcache, reqs, topt, &st, [&](size_t d, size_t n) {
-      progress("teacher", int64_t(d), int64_t(n), "");
-    });
+    auto resp = teacher_responses_in_dtype(
+        llm, lo, o.teacher_dtype, o.chat_template, tcache, reqs, topt, &st,
+        [&](size_t d, size_t n) { progress("teacher", int64_t(d), int64_t(n), ""); }, "finetune: ");
     for (size_t t = 0; t < transcripts.size(); ++t)
       rank_answers.emplace_back(resp.end() - long(rank_reqs.size()) + long(t * 4),
                                 resp.end() - long(rank_reqs.size()) + long(t * 4 + 4));
