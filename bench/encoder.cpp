@@ -22,13 +22,13 @@
 //    up: the run finished without the backlog passing --max-lag-s, and the p95
 //    latency of the chunks in the last quarter is <= chunk_ms (a growing queue
 //    shows as latency growing without bound). busy = compute time / wall time.
-//  profile (--profile): where a chunk's time goes, with the real weights and the
-//    shapes of one batched call (N streams, chunk_ms, cache context E frames):
-//    conv stem, LayerNorms, q/k/v + output projections, attention over
-//    [cache | block] (per stream, as forward_chunk does it), MLP, projector, mel;
-//    the measured forward_chunk at that context for comparison; and two what-ifs:
-//    attention as one batched matmul over all streams, projector with gate and up
-//    fused into one GEMM.
+//  profile (--profile): where a chunk's time goes: one batched whisper_encoder
+//    forward_chunk call with the real weights (N streams, chunk_ms, cache context
+//    E frames of real speech), its phases timed inside the call (conv stem,
+//    LayerNorms, q/k/v + output projections, attention over [cache | block] with
+//    the cache writes, MLP, other); the projector and the mel features of the
+//    same amount of audio; and a what-if: the attention done the previous way
+//    (per stream and layer with LibTorch ops), for comparison in the same run.
 //
 // Threads: --threads (default 2) LibTorch intra-op threads. Run with
 // OMP_WAIT_POLICY=PASSIVE (bench/run_encoder.sh sets it): LibTorch's OpenMP
@@ -308,15 +308,14 @@ double time_ms(F&& fn, int reps = 7) {
 }
 
 nlohmann::json run_profile(const std::string& model, const std::string& dtype, int64_t chunk_ms, int64_t n,
-                           int64_t context, const speech_corpus& corpus) {
+                           int64_t context, int64_t window_blocks, const speech_corpus& corpus) {
   torch::NoGradGuard ng;
   whisper_encoder_options eo;
   eo.dtype = dtype == "bf16" ? torch::kBFloat16 : torch::kFloat32;
   eo.chunk_ms = chunk_ms;
+  if (window_blocks > 0) eo.context_blocks = window_blocks;
   auto enc = whisper_encoder::load(model, eo);
   projector proj(projector_config{}, torch::kCPU, eo.dtype, 0);
-  std::map<std::string, torch::Tensor> w;
-  for (const auto& p : enc->named_parameters()) w[p.key()] = p.value();
   const auto& hp = enc->hparams();
   const int64_t f = enc->chunk_frames(), b = f / 2, d = hp.d_model, nh = hp.n_heads, hd = d / nh;
   const auto to = torch::TensorOptions().dtype(eo.dtype);
@@ -341,36 +340,29 @@ nlohmann::json run_profile(const std::string& model, const std::string& dtype, i
   std::vector<torch::Tensor> c;
   for (auto& ft : feats) c.push_back(ft.narrow(0, off, f));
   auto chunk = at::stack(c);
-  // Time the real call on copies of the states (a call advances them).
+  // The real call, on copies of the states (a call advances them; the copies
+  // share the cache tensors, into which every repetition writes the same block),
+  // with its phases timed inside forward_chunk (means over the repetitions).
+  whisper_chunk_timings tm;
+  bool warm = false;  // time_ms's first call is a warm-up: not in the phase means
   const double real = time_ms([&] {
     auto copy = states;
     std::vector<whisper_encoder_state*> cp;
     for (auto& s : copy) cp.push_back(&s);
-    enc->forward_chunk(chunk, cp);
+    enc->forward_chunk(chunk, cp, false, warm ? &tm : nullptr);
+    warm = true;
   });
+  const double k = 1.0 / double(std::max<int64_t>(1, tm.calls));
   const int64_t e = states[0].cached_frames();
-  // Components with the real weights and the call's shapes.
-  auto win = at::randn({n, hp.n_mels, f + 4}, to);
-  const double stem = time_ms([&] {
-    auto h = at::gelu(at::conv1d(win, w["conv1.weight"], w["conv1.bias"], at::IntArrayRef{1}, at::IntArrayRef{0}));
-    at::gelu(at::conv1d(h, w["conv2.weight"], w["conv2.bias"], at::IntArrayRef{2}, at::IntArrayRef{0}));
-  });
-  auto x = at::randn({n, b, d}, to);
-  double ln = 0, proj_qkvo = 0, attn = 0, mlp = 0;
+  // What-if: the attention as the previous implementation did it, per stream and
+  // layer with LibTorch ops ([cache | block] scores, concatenation, fp32 softmax,
+  // two matmuls), on random tensors of the call's shapes.
+  double attn_libtorch = 0;
   for (int64_t l = 0; l < hp.n_layers; ++l) {
-    const std::string p = "layers." + std::to_string(l) + ".";
-    ln += 2 * time_ms([&] { at::layer_norm(x, {d}, w[p + "self_attn_layer_norm.weight"], w[p + "self_attn_layer_norm.bias"]); });
-    proj_qkvo += time_ms([&] {
-      at::linear(x, w[p + "self_attn.qkv.weight"], w[p + "self_attn.qkv.bias"]);
-      at::linear(x, w[p + "self_attn.out_proj.weight"], w[p + "self_attn.out_proj.bias"]);
-    });
-    mlp += time_ms([&] {
-      at::linear(at::gelu(at::linear(x, w[p + "fc1.weight"], w[p + "fc1.bias"])), w[p + "fc2.weight"], w[p + "fc2.bias"]);
-    });
     auto q = at::randn({nh, b, hd}, to), kc = at::randn({nh, std::max<int64_t>(e, 1), hd}, to),
          kb = at::randn({nh, b, hd}, to);
-    attn += time_ms([&] {
-      for (int64_t i = 0; i < n; ++i) {  // per stream, as forward_chunk does
+    attn_libtorch += time_ms([&] {
+      for (int64_t i = 0; i < n; ++i) {
         auto sc = at::matmul(q, kb.transpose(-2, -1));
         auto sp2 = at::matmul(q, kc.transpose(-2, -1));
         auto pr = at::softmax(at::cat({sp2, sc}, -1).to(at::kFloat), -1).to(eo.dtype);
@@ -379,46 +371,23 @@ nlohmann::json run_profile(const std::string& model, const std::string& dtype, i
       }
     });
   }
-  // What-if: the same attention as ONE batched matmul over all streams (caches
-  // padded to a common length, as a fused kernel would see them), per layer.
-  double attn_batched = 0;
-  {
-    auto q = at::randn({n, nh, b, hd}, to), kv = at::randn({n, nh, std::max<int64_t>(e, 1) + b, hd}, to);
-    attn_batched = double(hp.n_layers) * time_ms([&] {
-      auto pr = at::softmax(at::matmul(q, kv.transpose(-2, -1)), -1, at::kFloat).to(eo.dtype);
-      at::matmul(pr, kv);
-    });
-  }
   auto groups = at::randn({n * b / 8, 8 * d}, to);
   const double projector_ms = time_ms([&] { proj.forward_stacked(groups); });
-  // What-if: gate and up as one [2 * d_hidden, k * d_in] matrix (one GEMM).
-  double projector_fused = 0;
-  {
-    std::map<std::string, torch::Tensor> pw;
-    for (const auto& p : proj.named_parameters()) pw[p.key()] = p.value();
-    auto gu = at::cat({pw["gate_weight"], pw["up_weight"]}, 0).contiguous();
-    const int64_t hdn = pw["gate_weight"].size(0);
-    projector_fused = time_ms([&] {
-      auto h = at::linear(groups, gu);
-      at::linear(at::silu(h.narrow(-1, 0, hdn)) * h.narrow(-1, hdn, hdn), pw["down_weight"]);
-    });
-  }
   std::vector<float> audio = corpus.stream_audio(0, double(chunk_ms) / 1000.0 * double(n));
   const double mel_ms = time_ms([&] { log_mel_spectrogram(audio); });
-  const double parts = stem + ln + proj_qkvo + attn + mlp;
   return {{"mode", "profile"},
           {"context_frames", e},
+          {"fused_attention", enc->fused_attention()},
           {"forward_chunk_ms", r3(real)},
-          {"conv_stem_ms", r3(stem)},
-          {"layernorm_ms", r3(ln)},
-          {"qkv_out_proj_ms", r3(proj_qkvo)},
-          {"attention_ms", r3(attn)},
-          {"mlp_ms", r3(mlp)},
-          {"sum_of_parts_ms", r3(parts)},
-          {"other_ms", r3(real - parts)},
-          {"attention_batched_ms", r3(attn_batched)},
+          {"forward_chunk_mean_ms", r3(tm.total * k)},
+          {"conv_stem_ms", r3(tm.stem * k)},
+          {"layernorm_ms", r3(tm.layer_norm * k)},
+          {"qkv_out_proj_ms", r3((tm.qkv_proj + tm.out_proj) * k)},
+          {"attention_ms", r3(tm.attention * k)},
+          {"mlp_ms", r3(tm.mlp * k)},
+          {"other_ms", r3(tm.other() * k)},
+          {"attention_libtorch_ms", r3(attn_libtorch)},
           {"projector_ms", r3(projector_ms)},
-          {"projector_fused_ms", r3(projector_fused)},
           {"mel_ms", r3(mel_ms)}};
 }
 
@@ -462,7 +431,7 @@ int main(int argc, char** argv) {
                             {"window_blocks", window_blocks}};
         if (profile) {
           for (int64_t ctx : contexts) {
-            auto j = run_profile(model, dt, chunk, n, ctx, corpus);
+            auto j = run_profile(model, dt, chunk, n, ctx, window_blocks, corpus);
             j.update(base);
             std::cout << j.dump() << std::endl;
           }

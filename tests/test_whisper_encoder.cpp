@@ -436,4 +436,18 @@ BOOST_AUTO_TEST_CASE(bf16_streaming_close_to_fp32) {
   BOOST_TEST(rel < 0.05);
 }
 
+BOOST_AUTO_TEST_CASE(fp32_streaming_past_30_seconds_close_to_fp64) {
+  // fp32 streaming (the fused attention kernel where the CPU has AVX-512) against
+  // the exact fp64 block-causal reference over 42 s: a full 29.4 s window of
+  // 1472 cached keys, where long rounding chains in the attention sums would show.
+  auto feats = clip_features().repeat({1, 12, 1});
+  auto e64 = tiny(320, -1, torch::kFloat64);
+  auto e32 = tiny(320, -1, torch::kFloat32);
+  auto truth = e64->forward_block_causal(feats)[0];
+  auto st = e32->init_state();
+  check_close(stream(*e32, feats, st), truth, 3e-5,
+              std::string("fp32 streaming (fused attention: ") + (e32->fused_attention() ? "yes" : "no") +
+                  ") vs fp64 block-causal, 42 s");
+}
+
 BOOST_AUTO_TEST_SUITE_END()

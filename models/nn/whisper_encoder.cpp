@@ -1,10 +1,16 @@
 #include "models/nn/whisper_encoder.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 #include <torch/version.h>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -57,6 +63,274 @@ torch::Tensor from_floats(std::vector<float>&& v, const std::vector<int64_t>& sh
 
 std::shared_ptr<torch::nn::Module> child(torch::nn::Module& parent, const std::string& name) {
   return parent.register_module(name, std::make_shared<torch::nn::Module>());
+}
+
+// ---------------------------------------------------------------- fused streaming attention
+//
+// forward_chunk's attention for one (stream, head) on the CPU: the block's
+// queries against the keys/values of the stream's ring (slots [0, e), keys
+// in tiles of 16 slots [hd][16], values [cap, hd]) and against the block's own keys, in fp32
+// (scores, softmax, weighted sum; bf16 inputs are widened exactly), written
+// straight into the [N, Q, d] output, and the block's keys/values copied into
+// the ring afterwards. It replaces about 15 small LibTorch ops per stream and
+// layer (narrow/matmul/cat/mask/softmax/dtype round trips/copies), which cost
+// more than the arithmetic. AVX-512 (checked at run time); other CPUs, fp64
+// and CUDA keep the LibTorch path (forward_chunk's fallback).
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define UT_FUSED_ATTENTION 1
+#define UT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+#else
+#define UT_FUSED_ATTENTION 0
+#endif
+
+struct fused_attention_job {
+  const void* q = nullptr;  // query row 0 of this head (model dtype); k at +d, v at +2d elements
+  int64_t qkv_stride = 0;   // elements between rows (3 d)
+  int64_t cnt = 0;          // block rows
+  int64_t skip = 0;         // output rows before the block (zeroed: frame -1 of a first chunk)
+  void* kt_ring = nullptr;        // keys of this head, [cap/16][hd][16] tiles; null while the state has no cache
+  void* v_ring = nullptr;         // [cap, hd]
+  int64_t cap = 0, e = 0;         // ring slots, slots in use [0, e)
+  const std::vector<int64_t>* invalid = nullptr;  // slots in [0, e) holding no cached frame (ring holes)
+  void* out = nullptr;            // output row 0 of this head (row `skip` is the block's first)
+  int64_t out_stride = 0;
+  int64_t store_slot = -1;        // >= 0: write the block's keys/values into the ring from this slot
+};
+
+bool cpu_has_avx512() {
+#if UT_FUSED_ATTENTION
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#if UT_FUSED_ATTENTION
+// GCC 12's AVX-512 headers initialise "undefined" vectors from themselves
+// (GCC bug 105593): -Wuninitialized false positives once inlined here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+inline float widen(float x) { return x; }
+inline float widen(c10::BFloat16 x) { return float(x); }
+
+UT_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+UT_AVX512 inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {  // bf16 -> fp32 is exact: bits << 16
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+UT_AVX512 inline __mmask16 tail_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
+}
+
+// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial,
+// about 1 ulp); exactly 0 below -87.3 (and for -inf, the masked slots).
+UT_AVX512 inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  x = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+}
+
+// Scores of R query rows (qf, fp32, row stride hd) against one tile of up to 16
+// keys stored as [hd][16] (key j's component c at kt[c * 16 + j]).
+template <int R, class T>
+UT_AVX512 void score_tile(const float* qf, int64_t hd, const T* kt, __mmask16 m, float* s, int64_t ld) {
+  __m512 a[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < hd; ++c) {
+    const __m512 k = load16(kt + c * 16, m);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(qf[r * hd + c]), k, a[r]);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(s + r * ld, m, a[r]);
+}
+
+// Asks for [p, p + bytes) in cache ahead of use: the ring is read once per call
+// and is not in cache; the hardware prefetcher stops at 4 KiB pages.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(c + i, _MM_HINT_T0);
+}
+constexpr int64_t k_prefetch_tiles = 4;  // key tiles ahead (8 KiB in bf16)
+
+// Scores of rows [0, rows) (a multiple of 8) against n keys in [n/16][hd][16] tiles.
+template <class T>
+UT_AVX512 void scores(const float* qf, int64_t rows, int64_t hd, const T* kt, int64_t n, float* s, int64_t ld) {
+  const int64_t tile_bytes = 16 * hd * int64_t(sizeof(T));
+  for (int64_t r0 = 0; r0 < rows;) {
+    const bool wide = rows - r0 > 8;
+    if (r0 == 0) prefetch(kt, std::min(k_prefetch_tiles * 16, round_up(n, 16)) * hd * int64_t(sizeof(T)));
+    for (int64_t e0 = 0; e0 < n; e0 += 16) {
+      const T* tile = kt + e0 * hd;
+      if (r0 == 0 && e0 + k_prefetch_tiles * 16 < n) prefetch(tile + k_prefetch_tiles * 16 * hd, tile_bytes);
+      if (wide)
+        score_tile<16>(qf + r0 * hd, hd, tile, tail_mask(n - e0), s + r0 * ld + e0, ld);
+      else
+        score_tile<8>(qf + r0 * hd, hd, tile, tail_mask(n - e0), s + r0 * ld + e0, ld);
+    }
+    r0 += wide ? 16 : 8;
+  }
+}
+
+// acc[rows, hd] += p[rows, n keys] x v[n keys, hd] (rows a multiple of 4, hd of
+// 64). Keys in blocks of 64 so that a block of v is read from memory once and
+// from L1 by every group of 4 rows.
+template <class T>
+UT_AVX512 void pv(const float* p, int64_t ld, int64_t rows, const T* v, int64_t n, float* acc, int64_t hd) {
+  const int64_t row_bytes = hd * int64_t(sizeof(T));
+  prefetch(v, std::min<int64_t>(n, 64) * row_bytes);
+  for (int64_t e0 = 0; e0 < n; e0 += 64) {
+    const int64_t e1 = std::min(n, e0 + 64);
+    if (e1 < n) prefetch(v + e1 * hd, (std::min(n, e1 + 64) - e1) * row_bytes);
+    for (int64_t r0 = 0; r0 < rows; r0 += 4)
+      for (int64_t c0 = 0; c0 < hd; c0 += 64) {
+        float* ac = acc + r0 * hd + c0;
+        __m512 a[4][4];  // this block's partial sums, added to acc at its end (shorter rounding chains)
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k) a[r][k] = _mm512_setzero_ps();
+        const float* pr = p + r0 * ld;
+        for (int64_t e = e0; e < e1; ++e) {
+          const T* row = v + e * hd + c0;
+          const __m512 v0 = load16(row, 0xFFFF), v1 = load16(row + 16, 0xFFFF), v2 = load16(row + 32, 0xFFFF),
+                       v3 = load16(row + 48, 0xFFFF);
+#pragma GCC unroll 4
+          for (int r = 0; r < 4; ++r) {
+            const __m512 w = _mm512_set1_ps(pr[r * ld + e]);
+            a[r][0] = _mm512_fmadd_ps(w, v0, a[r][0]);
+            a[r][1] = _mm512_fmadd_ps(w, v1, a[r][1]);
+            a[r][2] = _mm512_fmadd_ps(w, v2, a[r][2]);
+            a[r][3] = _mm512_fmadd_ps(w, v3, a[r][3]);
+          }
+        }
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 4
+          for (int k = 0; k < 4; ++k)
+            _mm512_storeu_ps(ac + r * hd + 16 * k, _mm512_add_ps(_mm512_loadu_ps(ac + r * hd + 16 * k), a[r][k]));
+      }
+  }
+}
+
+// In place: row[0, len) -> exp(row - max); returns the sum.
+UT_AVX512 float softmax_numerators(float* row, int64_t len) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < len; i += 16)
+    mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(len - i), row + i));
+  const float m = _mm512_reduce_max_ps(mx);
+  const __m512 mv = _mm512_set1_ps(m == -std::numeric_limits<float>::infinity() ? 0.f : m);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 t = tail_mask(len - i);
+    const __m512 y = _mm512_maskz_mov_ps(t, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, row + i), mv)));
+    _mm512_mask_storeu_ps(row + i, t, y);
+    sum = _mm512_add_ps(sum, y);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+struct attn_scratch {
+  std::vector<float> buf;
+  float* get(size_t n) {
+    if (buf.size() < n) buf.resize(n);
+    return buf.data();
+  }
+};
+
+
+template <class T>
+UT_AVX512 void attend(const fused_attention_job& j, int64_t hd, int64_t d, float scale) {
+  thread_local attn_scratch scratch;
+  const int64_t cnt = j.cnt, e = j.e, rows8 = round_up(std::max<int64_t>(cnt, 1), 8), cpad = round_up(cnt, 16);
+  const int64_t len = e + cnt, ld = round_up(len, 16);
+  const T* q = static_cast<const T*>(j.q);
+  const T* k = q + d;
+  const T* v = q + 2 * d;
+  T* out = static_cast<T*>(j.out);
+  for (int64_t r = 0; r < j.skip; ++r)
+    for (int64_t c = 0; c < hd; ++c) out[r * j.out_stride + c] = T(0.f);
+  if (cnt == 0) return;
+  out += j.skip * j.out_stride;
+  float* qf = scratch.get(size_t(rows8 * hd + hd * cpad + cnt * hd + rows8 * ld + rows8 * hd + rows8));
+  float* kct = qf + rows8 * hd;  // block keys in [cpad/16][hd][16] tiles, as the ring
+  float* vcf = kct + hd * cpad;  // block values [cnt, hd]
+  float* s = vcf + cnt * hd;     // scores / probabilities [rows8, ld]: ring slots, then the block
+  float* acc = s + rows8 * ld;   // [rows8, hd]
+  float* inv = acc + rows8 * hd; // [rows8] 1 / softmax denominators
+  for (int64_t r = 0; r < rows8; ++r)
+    for (int64_t c = 0; c < hd; ++c) qf[r * hd + c] = r < cnt ? widen(q[r * j.qkv_stride + c]) * scale : 0.f;
+  std::fill(kct, kct + hd * cpad, 0.f);
+  for (int64_t r = 0; r < cnt; ++r)
+    for (int64_t c = 0; c < hd; ++c) {
+      kct[(r / 16) * hd * 16 + c * 16 + r % 16] = widen(k[r * j.qkv_stride + c]);
+      vcf[r * hd + c] = widen(v[r * j.qkv_stride + c]);
+    }
+  if (e > 0) scores(qf, rows8, hd, static_cast<const T*>(j.kt_ring), e, s, ld);
+  scores(qf, rows8, hd, static_cast<const float*>(kct), cnt, s + e, ld);
+  const int64_t rows4 = round_up(cnt, 4);
+  for (int64_t r = 0; r < rows4; ++r) {
+    float* row = s + r * ld;
+    if (r >= cnt) {  // padding rows: zero probabilities
+      std::fill(row, row + len, 0.f);
+      continue;
+    }
+    if (j.invalid)
+      for (int64_t slot : *j.invalid) row[slot] = -std::numeric_limits<float>::infinity();
+    inv[r] = 1.f / softmax_numerators(row, len);
+  }
+  std::fill(acc, acc + rows4 * hd, 0.f);
+  if (e > 0) pv(s, ld, rows4, static_cast<const T*>(j.v_ring), e, acc, hd);
+  pv(s + e, ld, rows4, static_cast<const float*>(vcf), cnt, acc, hd);
+  for (int64_t r = 0; r < cnt; ++r)
+    for (int64_t c = 0; c < hd; ++c) out[r * j.out_stride + c] = T(acc[r * hd + c] * inv[r]);
+  if (j.store_slot >= 0) {  // after attention: the slots may be those of the block that leaves the window
+    T* kt_w = static_cast<T*>(j.kt_ring);
+    T* v_w = static_cast<T*>(j.v_ring);
+    for (int64_t r = 0; r < cnt; ++r) {
+      const int64_t slot = (j.store_slot + r) % j.cap;
+      T* kt_tile = kt_w + (slot / 16) * hd * 16 + slot % 16;
+      for (int64_t c = 0; c < hd; ++c) {
+        kt_tile[c * 16] = k[r * j.qkv_stride + c];
+        v_w[slot * hd + c] = v[r * j.qkv_stride + c];
+      }
+    }
+  }
+}
+
+template <class T>
+void run_fused_attention_t(const std::vector<fused_attention_job>& jobs, int64_t hd, int64_t d, float scale) {
+  at::parallel_for(0, int64_t(jobs.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) attend<T>(jobs[size_t(i)], hd, d, scale);
+  });
+}
+#pragma GCC diagnostic pop
+#endif
+
+void run_fused_attention(const std::vector<fused_attention_job>& jobs, at::ScalarType dtype, int64_t hd, int64_t d,
+                         float scale) {
+#if UT_FUSED_ATTENTION
+  if (dtype == at::kBFloat16) return run_fused_attention_t<c10::BFloat16>(jobs, hd, d, scale);
+  if (dtype == at::kFloat) return run_fused_attention_t<float>(jobs, hd, d, scale);
+#endif
+  (void)jobs, (void)hd, (void)d, (void)scale;
+  throw std::logic_error(std::string("whisper_encoder: no fused attention for dtype ") + c10::toString(dtype));
 }
 
 }  // namespace
@@ -172,6 +446,8 @@ whisper_encoder::whisper_encoder(const whisper_hparams& hp,
   auto ln = child(*this, "layer_norm");
   ln_w_ = param(*ln, "weight", get("layer_norm.weight", {d}));
   ln_b_ = param(*ln, "bias", get("layer_norm.bias", {d}));
+  fused_attention_ = opt.device.is_cpu() && (opt.dtype == torch::kFloat32 || opt.dtype == torch::kBFloat16) &&
+                     (d / hp.n_heads) % 64 == 0 && cpu_has_avx512();
   set_trainable_layers(opt.trainable_layers);
 }
 
@@ -381,8 +657,18 @@ torch::Tensor whisper_encoder::stem_offline(const torch::Tensor& features) {
   return y.transpose(1, 2);  // [N, ceil(T/2), d]
 }
 
+torch::Tensor whisper_encoder::layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) const {
+  // LibTorch 1.13's CPU LayerNorm is not vectorized for bf16 (about 10x slower
+  // than fp32 at [32, 16, 384]); it accumulates in fp32 either way, so the
+  // result is the same up to the final rounding.
+  if (x.scalar_type() == at::kBFloat16 && x.is_cpu())
+    return at::layer_norm(x.to(at::kFloat), {hp_.d_model}, w.to(at::kFloat), b.to(at::kFloat), hp_.ln_eps)
+        .to(at::kBFloat16);
+  return at::layer_norm(x, {hp_.d_model}, w, b, hp_.ln_eps);
+}
+
 torch::Tensor whisper_encoder::mlp(const layer_weights& w, const torch::Tensor& x) const {
-  auto h = at::layer_norm(x, {hp_.d_model}, w.ln2_w, w.ln2_b, hp_.ln_eps);
+  auto h = layer_norm(x, w.ln2_w, w.ln2_b);
   return at::linear(at::gelu(at::linear(h, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b);
 }
 
@@ -390,7 +676,7 @@ torch::Tensor whisper_encoder::transformer_offline(torch::Tensor x, const torch:
   const int64_t n = x.size(0), u = x.size(1), d = hp_.d_model, nh = hp_.n_heads, hd = d / nh;
   const double scale = 1.0 / std::sqrt(double(hd));
   for (const auto& w : layers_) {
-    auto h = at::layer_norm(x, {d}, w.ln1_w, w.ln1_b, hp_.ln_eps);
+    auto h = layer_norm(x, w.ln1_w, w.ln1_b);
     auto qkv = at::linear(h, w.qkv_w, w.qkv_b).view({n, u, 3, nh, hd}).permute({2, 0, 3, 1, 4});
     auto q = qkv[0] * scale, k = qkv[1], v = qkv[2];  // [N, H, U, hd]
     auto s = at::matmul(q, k.transpose(-2, -1));       // [N, H, U, U]
@@ -399,7 +685,7 @@ torch::Tensor whisper_encoder::transformer_offline(torch::Tensor x, const torch:
     x = x + at::linear(o, w.out_w, w.out_b);
     x = x + mlp(w, x);
   }
-  return at::layer_norm(x, {d}, ln_w_, ln_b_, hp_.ln_eps);
+  return layer_norm(x, ln_w_, ln_b_);
 }
 
 torch::Tensor whisper_encoder::forward(const torch::Tensor& features) {
@@ -447,7 +733,17 @@ whisper_encoder_state whisper_encoder::init_state() const {
 
 std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& features,
                                                           const std::vector<whisper_encoder_state*>& states,
-                                                          bool last) {
+                                                          bool last, whisper_chunk_timings* timings) {
+  using tclock = std::chrono::steady_clock;
+  const auto t_start = tclock::now();
+  auto t_mark = t_start;
+  // Adds the time since the previous mark to `phase` (nullptr: left to "other").
+  auto tick = [&](double whisper_chunk_timings::*phase) {
+    if (!timings) return;
+    const auto now = tclock::now();
+    if (phase) timings->*phase += std::chrono::duration<double, std::milli>(now - t_mark).count();
+    t_mark = now;
+  };
   check_features(features, "forward_chunk");
   const int64_t n = features.size(0), t = features.size(1), f = chunk_frames_, b = f / 2;
   const int64_t d = hp_.d_model, nh = hp_.n_heads, hd = d / nh, np = hp_.n_positions;
@@ -473,6 +769,7 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
   }
   torch::NoGradGuard no_grad;
   const auto to = torch::TensorOptions().dtype(opt_.dtype).device(opt_.device);
+  tick(nullptr);
 
   // ---- conv stem on [history (4) | new frames | 2 zero frames if last]
   std::vector<torch::Tensor> hist;
@@ -497,6 +794,7 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
   }
   auto x = at::gelu(at::conv1d(h, conv2_w_, conv2_b_, at::IntArrayRef{2}, at::IntArrayRef{0})).transpose(1, 2);  // [N, Q, d]
   const int64_t q_len = x.size(1);
+  tick(&whisper_chunk_timings::stem);
 
   // Frame of query row j of stream i: m_i/2 - 1 + j; row 0 of a first chunk is frame -1 (skipped).
   std::vector<int64_t> start(static_cast<size_t>(n)), pos(static_cast<size_t>(n * q_len));
@@ -508,11 +806,15 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
   auto pos_idx = torch::from_blob(pos.data(), {n * q_len}, at::kLong).to(opt_.device);
   x = x + positions_.index_select(0, pos_idx).view({n, q_len, d});
 
-  // ---- cache slots for the new block (ring buffer of whole blocks), decided before any write
+  // ---- cache slots for the new block (ring buffer of whole blocks), decided before any write.
+  // Values [n_heads, capacity, head_dim]; keys the same for the LibTorch path and
+  // [n_heads, ceil(capacity/16), head_dim, 16] (tiles of 16 slots) for the fused kernel.
   const bool store = !last && context_blocks_ > 0;
   const int64_t max_cap = context_blocks_ * b;
+  const bool fused = fused_attention_;
   std::vector<int64_t> slot(size_t(n), 0);
-  std::vector<torch::Tensor> slot_valid(static_cast<size_t>(n));  // [E] bool where the ring has holes
+  std::vector<torch::Tensor> slot_valid(static_cast<size_t>(n));  // [E] bool where the ring has holes (LibTorch path)
+  std::vector<std::vector<int64_t>> holes(static_cast<size_t>(n)); // the same as slot lists (fused path)
   for (int64_t i = 0; i < n; ++i) {
     auto& s = *states[size_t(i)];
     const int64_t cnt = q_len - start[size_t(i)];
@@ -520,15 +822,22 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
       std::vector<uint8_t> valid(size_t(s.extent_), 0);
       for (const auto& blk : s.blocks_)
         for (int64_t j = 0; j < blk.len; ++j) valid[size_t((blk.slot + j) % s.capacity_)] = 1;
-      slot_valid[size_t(i)] = torch::from_blob(valid.data(), {s.extent_}, at::kByte).to(opt_.device).to(at::kBool);
+      if (fused) {
+        for (int64_t j = 0; j < s.extent_; ++j)
+          if (!valid[size_t(j)]) holes[size_t(i)].push_back(j);
+      } else {
+        slot_valid[size_t(i)] = torch::from_blob(valid.data(), {s.extent_}, at::kByte).to(opt_.device).to(at::kBool);
+      }
     }
     if (!store || cnt == 0) continue;
     if (s.head_ + cnt > s.capacity_ && s.capacity_ < max_cap) {
       const int64_t cap = std::min(max_cap, std::max({s.head_ + cnt, 2 * s.capacity_, 4 * b}));
       for (size_t l = 0; l < s.k_.size(); ++l) {
-        auto nk = at::zeros({nh, cap, hd}, to), nv = at::zeros({nh, cap, hd}, to);
+        auto nk = fused ? at::zeros({nh, (cap + 15) / 16, hd, 16}, to) : at::zeros({nh, cap, hd}, to);
+        auto nv = at::zeros({nh, cap, hd}, to);
         if (s.extent_ > 0) {
-          nk.narrow(1, 0, s.extent_).copy_(s.k_[l].narrow(1, 0, s.extent_));
+          const int64_t used = fused ? (s.extent_ + 15) / 16 : s.extent_;  // whole tiles
+          nk.narrow(1, 0, used).copy_(s.k_[l].narrow(1, 0, used));
           nv.narrow(1, 0, s.extent_).copy_(s.v_[l].narrow(1, 0, s.extent_));
         }
         s.k_[l] = nk;
@@ -546,40 +855,82 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
 
   // ---- transformer: batched projections and MLP, per-stream attention against its own cache
   const double scale = 1.0 / std::sqrt(double(hd));
+  tick(nullptr);
   for (size_t l = 0; l < layers_.size(); ++l) {
     const auto& w = layers_[l];
-    auto hn = at::layer_norm(x, {d}, w.ln1_w, w.ln1_b, hp_.ln_eps);
-    auto qkv = at::linear(hn, w.qkv_w, w.qkv_b).view({n, q_len, 3, nh, hd}).permute({2, 0, 3, 1, 4});
-    auto q = qkv[0] * scale, k = qkv[1], v = qkv[2];  // [N, H, Q, hd]
-    auto o = at::zeros({n, nh, q_len, hd}, to);
-    for (int64_t i = 0; i < n; ++i) {
-      auto& s = *states[size_t(i)];
-      const int64_t s0 = start[size_t(i)], cnt = q_len - s0;
-      if (cnt == 0) continue;
-      auto qi = q[i].narrow(1, s0, cnt), ki = k[i].narrow(1, s0, cnt), vi = v[i].narrow(1, s0, cnt);
-      auto sc = at::matmul(qi, ki.transpose(-2, -1));  // [H, cnt, cnt]
-      const int64_t e = s.extent_;
-      torch::Tensor oi;
-      if (e > 0) {
-        auto pk = s.k_[l].narrow(1, 0, e), pv = s.v_[l].narrow(1, 0, e);
-        auto sp = at::matmul(qi, pk.transpose(-2, -1));  // [H, cnt, E]
-        if (slot_valid[size_t(i)].defined())
-          sp.masked_fill_(slot_valid[size_t(i)].logical_not(), -std::numeric_limits<double>::infinity());
-        auto p = softmax_last(at::cat({sp, sc}, -1));
-        oi = at::matmul(p.narrow(-1, 0, e), pv) + at::matmul(p.narrow(-1, e, cnt), vi);
-      } else {
-        oi = at::matmul(softmax_last(sc), vi);
+    auto hn = layer_norm(x, w.ln1_w, w.ln1_b);
+    tick(&whisper_chunk_timings::layer_norm);
+    auto qkv_rows = at::linear(hn, w.qkv_w, w.qkv_b).contiguous();  // [N, Q, 3 d]: q | k | v, heads inside
+    tick(&whisper_chunk_timings::qkv_proj);
+    torch::Tensor o;
+    if (fused) {
+      o = at::empty({n, q_len, d}, to);
+      std::vector<fused_attention_job> jobs(size_t(n * nh));
+      const int64_t esz = int64_t(qkv_rows.element_size());
+      auto* qkv_p = static_cast<char*>(qkv_rows.data_ptr());
+      auto* o_p = static_cast<char*>(o.data_ptr());
+      for (int64_t i = 0; i < n; ++i) {
+        auto& s = *states[size_t(i)];
+        const int64_t s0 = start[size_t(i)], cnt = q_len - s0;
+        for (int64_t h = 0; h < nh; ++h) {
+          auto& jb = jobs[size_t(i * nh + h)];
+          jb.q = qkv_p + ((i * q_len + s0) * 3 * d + h * hd) * esz;
+          jb.qkv_stride = 3 * d;
+          jb.cnt = cnt;
+          jb.skip = s0;
+          jb.out = o_p + (i * q_len * d + h * hd) * esz;
+          jb.out_stride = d;
+          jb.cap = s.capacity_;
+          jb.e = s.extent_;
+          jb.invalid = holes[size_t(i)].empty() ? nullptr : &holes[size_t(i)];
+          if (s.capacity_ > 0) {
+            jb.kt_ring = static_cast<char*>(s.k_[l].data_ptr()) + h * s.k_[l].stride(0) * esz;
+            jb.v_ring = static_cast<char*>(s.v_[l].data_ptr()) + h * s.capacity_ * hd * esz;
+          }
+          jb.store_slot = store && cnt > 0 ? slot[size_t(i)] : -1;
+        }
       }
-      o[i].narrow(1, s0, cnt).copy_(oi);
-      if (store) {  // after attention: the slots may be those of the block that leaves the window
-        write_ring(s.k_[l], ki, slot[size_t(i)], s.capacity_);
-        write_ring(s.v_[l], vi, slot[size_t(i)], s.capacity_);
+      run_fused_attention(jobs, opt_.dtype, hd, d, float(scale));
+    } else {
+      auto qkv = qkv_rows.view({n, q_len, 3, nh, hd}).permute({2, 0, 3, 1, 4});
+      auto q = qkv[0] * scale, k = qkv[1], v = qkv[2];  // [N, H, Q, hd]
+      o = at::zeros({n, nh, q_len, hd}, to);
+      for (int64_t i = 0; i < n; ++i) {
+        auto& s = *states[size_t(i)];
+        const int64_t s0 = start[size_t(i)], cnt = q_len - s0;
+        if (cnt == 0) continue;
+        auto qi = q[i].narrow(1, s0, cnt), ki = k[i].narrow(1, s0, cnt), vi = v[i].narrow(1, s0, cnt);
+        auto sc = at::matmul(qi, ki.transpose(-2, -1));  // [H, cnt, cnt]
+        const int64_t e = s.extent_;
+        torch::Tensor oi;
+        if (e > 0) {
+          auto pk = s.k_[l].narrow(1, 0, e), pv = s.v_[l].narrow(1, 0, e);
+          auto sp = at::matmul(qi, pk.transpose(-2, -1));  // [H, cnt, E]
+          if (slot_valid[size_t(i)].defined())
+            sp.masked_fill_(slot_valid[size_t(i)].logical_not(), -std::numeric_limits<double>::infinity());
+          auto p = softmax_last(at::cat({sp, sc}, -1));
+          oi = at::matmul(p.narrow(-1, 0, e), pv) + at::matmul(p.narrow(-1, e, cnt), vi);
+        } else {
+          oi = at::matmul(softmax_last(sc), vi);
+        }
+        o[i].narrow(1, s0, cnt).copy_(oi);
+        if (store) {  // after attention: the slots may be those of the block that leaves the window
+          write_ring(s.k_[l], ki, slot[size_t(i)], s.capacity_);
+          write_ring(s.v_[l], vi, slot[size_t(i)], s.capacity_);
+        }
       }
+      o = o.transpose(1, 2).reshape({n, q_len, d});
     }
-    x = x + at::linear(o.transpose(1, 2).reshape({n, q_len, d}), w.out_w, w.out_b);
-    x = x + mlp(w, x);
+    tick(&whisper_chunk_timings::attention);
+    x = x + at::linear(o, w.out_w, w.out_b);
+    tick(&whisper_chunk_timings::out_proj);
+    auto h2 = layer_norm(x, w.ln2_w, w.ln2_b);
+    tick(&whisper_chunk_timings::layer_norm);
+    x = x + at::linear(at::gelu(at::linear(h2, w.fc1_w, w.fc1_b)), w.fc2_w, w.fc2_b);  // mlp() without its LayerNorm
+    tick(&whisper_chunk_timings::mlp);
   }
-  x = at::layer_norm(x, {d}, ln_w_, ln_b_, hp_.ln_eps);
+  x = layer_norm(x, ln_w_, ln_b_);
+  tick(&whisper_chunk_timings::layer_norm);
 
   // ---- outputs and state updates
   std::vector<torch::Tensor> out;
@@ -599,6 +950,10 @@ std::vector<torch::Tensor> whisper_encoder::forward_chunk(const torch::Tensor& f
     s.frames_out_ += cnt;
     s.chunks_ += 1;
     s.finished_ = last;
+  }
+  if (timings) {
+    timings->total += std::chrono::duration<double, std::milli>(tclock::now() - t_start).count();
+    timings->calls += 1;
   }
   return out;
 }

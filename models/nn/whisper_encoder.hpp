@@ -20,6 +20,25 @@
 //    and to the `context_blocks` blocks before it (all earlier ones until the
 //    window is full); the keys/values of earlier blocks come from a per-layer
 //    cache, so a chunk costs O(B x context).
+//  - Cache layout: per stream and layer a ring of whole blocks (values
+//    [n_heads, capacity, head_dim]; keys the same, or in tiles of 16 slots
+//    [n_heads, capacity/16, head_dim, 16] for the fused kernel below, so that its
+//    score loop reads them sequentially). It grows (doubling) up to
+//    context_blocks x B slots, then the block that leaves the window is
+//    overwritten by the new one after the new block's attention. Attention is
+//    order-free over keys, so the ring's rotation needs no reordering; slots not
+//    holding a cached frame are masked.
+//  - Attention kernel: on an AVX-512 CPU with fp32/bf16 weights (head_dim a
+//    multiple of 64: every Whisper size), forward_chunk computes each (stream,
+//    head)'s attention in one fused kernel (scores against the ring and the
+//    block, fp32 softmax, weighted sum, written into the [N, Q, d] output, then
+//    the ring write), streams x heads spread over the LibTorch threads; it
+//    replaces ~15 LibTorch ops per stream and layer whose dispatch, copies and
+//    masks cost more than the arithmetic (bench/RESULTS.md, Encoder). Elsewhere
+//    (fp64, CUDA, other CPUs) the same math runs as LibTorch ops. bf16 runs
+//    scores/softmax/sums in fp32 (inputs widened exactly, output rounded once).
+//    bf16 LayerNorm runs in fp32 on the CPU (LibTorch 1.13's bf16 kernel is
+//    unvectorized).
 //  - The last call (last = true) takes 0..F frames, zero-pads the right edge as
 //    offline Whisper does and emits the remaining frames up to ceil(T/2) as one
 //    final block. The offline reference forward_block_causal() splits T mel
@@ -83,6 +102,16 @@ struct whisper_encoder_options {
   int64_t trainable_layers = 0;
 };
 
+/// Wall time of forward_chunk's phases, ms, accumulated over calls (pass one to
+/// forward_chunk to fill it; bench/encoder --profile). attention = the
+/// per-stream attention over [cache | block] including the cache writes;
+/// other = total minus the named phases (checks, positions, cache growth, state updates).
+struct whisper_chunk_timings {
+  double total = 0, stem = 0, layer_norm = 0, qkv_proj = 0, attention = 0, out_proj = 0, mlp = 0;
+  int64_t calls = 0;
+  double other() const { return total - stem - layer_norm - qkv_proj - attention - out_proj - mlp; }
+};
+
 /// One stream's encoder state (conv history, per-layer key/value cache, position).
 /// Created by whisper_encoder::init_state(); holds no weights.
 class whisper_encoder_state {
@@ -111,7 +140,9 @@ class whisper_encoder_state {
   int64_t chunks_ = 0;
   bool finished_ = false;
   torch::Tensor history_;            ///< [n_mels, 4] last mel frames (zeros before the start)
-  std::vector<torch::Tensor> k_, v_; ///< per layer [n_heads, capacity, head_dim] ring buffers
+  /// Per layer ring buffers: values [n_heads, capacity, head_dim]; keys the same,
+  /// or [n_heads, ceil(capacity/16), head_dim, 16] (tiles of 16 slots) with the fused kernel.
+  std::vector<torch::Tensor> k_, v_;
   int64_t capacity_ = 0;             ///< slots per layer
   int64_t head_ = 0;                 ///< next slot to write
   int64_t extent_ = 0;               ///< 1 + highest slot ever written
@@ -176,9 +207,13 @@ class whisper_encoder : public torch::nn::Module {
   /// last: 0 <= T <= chunk_frames(), then every remaining frame is emitted and
   /// the states are finished. Returns per stream its new encoder frames
   /// [n_i, d_model] (n_i may differ between streams: B-1 on a first chunk).
+  /// `timings`, if given, accumulates the wall time of the call's phases.
   std::vector<torch::Tensor> forward_chunk(const torch::Tensor& features,
                                            const std::vector<whisper_encoder_state*>& states,
-                                           bool last = false);
+                                           bool last = false, whisper_chunk_timings* timings = nullptr);
+  /// True when forward_chunk's attention runs the fused CPU kernel (fp32/bf16
+  /// on an AVX-512 CPU, head_dim a multiple of 64); else LibTorch ops.
+  bool fused_attention() const { return fused_attention_; }
 
  private:
   struct layer_weights {
@@ -187,12 +222,15 @@ class whisper_encoder : public torch::nn::Module {
   torch::Tensor stem_offline(const torch::Tensor& features);
   torch::Tensor transformer_offline(torch::Tensor x, const torch::Tensor& allowed);
   torch::Tensor mlp(const layer_weights& w, const torch::Tensor& x) const;
+  /// LayerNorm over d_model; bf16 on the CPU is computed in fp32 (see the .cpp).
+  torch::Tensor layer_norm(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) const;
   void check_features(const torch::Tensor& features, const char* what) const;
 
   whisper_hparams hp_;
   whisper_encoder_options opt_;
   int64_t chunk_frames_ = 32;
   int64_t context_blocks_ = 0;
+  bool fused_attention_ = false;  ///< forward_chunk uses the fused CPU attention kernel
   torch::Tensor conv1_w_, conv1_b_, conv2_w_, conv2_b_, ln_w_, ln_b_, positions_;
   std::vector<layer_weights> layers_;
 };
