@@ -180,6 +180,7 @@ engine::engine(const config::undertone_config& cfg, gateway_factory gateway,
   lo.llm.kv_cells = cfg.llm.kv_cells;
   lo.llm.max_batch_rows = cfg.llm.max_batch_rows;
   lo.llm.chat_template = cfg.llm.chat_template;
+  lo.llm.cpu_decode = cfg.llm.cpu_decode;
   lo.max_slots = cfg.llm.max_slots;
   lo.max_rows_per_step = cfg.llm.max_batch_rows;
   std::shared_ptr<models::llm_engine> llm;

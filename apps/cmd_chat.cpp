@@ -34,6 +34,7 @@ models::chat_llm_options llm_options_from(const config::undertone_config& cfg) {
   o.kv_cells = cfg.llm.kv_cells;
   o.max_batch_rows = cfg.llm.max_batch_rows;
   o.chat_template = cfg.llm.chat_template;
+  o.cpu_decode = cfg.llm.cpu_decode;
   return o;
 }
 

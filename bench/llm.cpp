@@ -4,8 +4,11 @@
 // Workload per batch size B: prefill B prompts of P random tokens (one step per
 // prompt), then N decode steps, each ONE batched step of B rows (one per
 // sequence) with greedy argmax on the returned logits. Median of --repeats.
-// Output: one JSON object per line (engine, dtype, batch, prefill_tok_s,
-// decode_tok_s, decode_ms_per_step, peak_rss_mb).
+// Output: one JSON object per line (engine, dtype, cpu_decode, batch,
+// prefill_tok_s, decode_tok_s, decode_ms_per_step, peak_rss_mb).
+// --cpu-decode both runs the two modes of llm.cpu_decode in one process
+// (models loaded one after the other), so their ratio is an A/B on the same
+// machine state.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -41,7 +44,7 @@ std::string default_model() {
 
 int main(int argc, char** argv) {
   CLI::App app{"undertone LLM throughput benchmark (see bench/run_llm.sh for the comparison with llama.cpp)"};
-  std::string model = default_model(), dtype = "fp32", device = "cpu";
+  std::string model = default_model(), dtype = "fp32", device = "cpu", cpu_decode = "auto";
   std::vector<int> batches{1, 4, 16, 64};
   int prompt_tokens = 64, decode_tokens = 32, threads = 2, repeats = 3;
   app.add_option("--model", model, "GGUF file or HF directory")->capture_default_str();
@@ -52,52 +55,75 @@ int main(int argc, char** argv) {
   app.add_option("--decode-tokens", decode_tokens)->capture_default_str();
   app.add_option("--threads", threads, "compute threads")->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
+  app.add_option("--cpu-decode", cpu_decode,
+                 "CPU decode kernels (llm.cpu_decode): auto, off, or both (one row per mode, in this order: off, auto)")
+      ->check(CLI::IsMember({"auto", "off", "both"}))
+      ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   set_compute_threads(threads);
-  llama_options opt;
-  opt.device = torch::Device(device);
-  opt.dtype = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp16" ? torch::kFloat16 : torch::kFloat32;
-  auto t0 = clk::now();
-  auto m = llama_model::load(model, opt);
-  double load_s = std::chrono::duration<double>(clk::now() - t0).count();
-  std::cerr << "loaded " << model << " (" << dtype << ") in " << load_s << " s\n";
+  std::vector<std::string> modes{cpu_decode};
+  if (cpu_decode == "both") modes = {"off", "auto"};
+  struct loaded {
+    std::string mode;
+    std::shared_ptr<llama_model> m;
+    double load_s;
+  };
+  std::vector<loaded> ms;
+  for (const auto& mode : modes) {
+    llama_options opt;
+    opt.device = torch::Device(device);
+    opt.dtype = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp16" ? torch::kFloat16 : torch::kFloat32;
+    opt.cpu_decode = mode == "auto";
+    auto t0 = clk::now();
+    auto m = llama_model::load(model, opt);
+    double load_s = std::chrono::duration<double>(clk::now() - t0).count();
+    std::cerr << "loaded " << model << " (" << dtype << ", cpu_decode " << mode << ": " << m->cpu_decode_info()
+              << ") in " << load_s << " s\n";
+    ms.push_back({mode, m, load_s});
+  }
 
-  std::mt19937 rng(0);
-  std::uniform_int_distribution<int64_t> tok(100, m->n_vocab() - 100);
   for (int B : batches) {
-    auto cache = m->make_cache(int64_t(B) * (prompt_tokens + decode_tokens + 8));
-    std::vector<double> prefill_s, decode_s;
+    // Repeats alternate between the modes (A/B interleaved), so that a change
+    // of machine load hits both.
+    std::vector<std::vector<double>> prefill_s(ms.size()), decode_s(ms.size());
+    std::vector<std::mt19937> rngs(ms.size(), std::mt19937(0));
     for (int rep = 0; rep < repeats; ++rep) {
-      cache.clear();
-      std::vector<int64_t> last(static_cast<size_t>(B));
-      auto a = clk::now();
-      for (int s = 0; s < B; ++s) {
-        std::vector<int64_t> ids(static_cast<size_t>(prompt_tokens));
-        for (auto& x : ids) x = tok(rng);
-        llm_batch b;
-        b.add_tokens(ids, s, 0, true);
-        last[size_t(s)] = m->step(b, cache).argmax(-1).item<int64_t>();
+      for (size_t mi = 0; mi < ms.size(); ++mi) {
+        const auto& m = ms[mi].m;
+        std::uniform_int_distribution<int64_t> tok(100, m->n_vocab() - 100);
+        auto cache = m->make_cache(int64_t(B) * (prompt_tokens + decode_tokens + 8));
+        std::vector<int64_t> last(static_cast<size_t>(B));
+        auto a = clk::now();
+        for (int s = 0; s < B; ++s) {
+          std::vector<int64_t> ids(static_cast<size_t>(prompt_tokens));
+          for (auto& x : ids) x = tok(rngs[mi]);
+          llm_batch b;
+          b.add_tokens(ids, s, 0, true);
+          last[size_t(s)] = m->step(b, cache).argmax(-1).item<int64_t>();
+        }
+        auto c = clk::now();
+        for (int step = 0; step < decode_tokens; ++step) {
+          llm_batch b;
+          for (int s = 0; s < B; ++s) b.add_token(last[size_t(s)], s, prompt_tokens + step, true);
+          auto next = m->step(b, cache).argmax(-1).to(torch::kCPU);
+          for (int s = 0; s < B; ++s) last[size_t(s)] = next[s].item<int64_t>();
+        }
+        auto d = clk::now();
+        prefill_s[mi].push_back(std::chrono::duration<double>(c - a).count());
+        decode_s[mi].push_back(std::chrono::duration<double>(d - c).count());
       }
-      auto c = clk::now();
-      for (int step = 0; step < decode_tokens; ++step) {
-        llm_batch b;
-        for (int s = 0; s < B; ++s) b.add_token(last[size_t(s)], s, prompt_tokens + step, true);
-        auto next = m->step(b, cache).argmax(-1).to(torch::kCPU);
-        for (int s = 0; s < B; ++s) last[size_t(s)] = next[s].item<int64_t>();
-      }
-      auto d = clk::now();
-      prefill_s.push_back(std::chrono::duration<double>(c - a).count());
-      decode_s.push_back(std::chrono::duration<double>(d - c).count());
     }
-    double p = median(prefill_s), dd = median(decode_s);
-    nlohmann::json j{{"engine", "undertone"}, {"dtype", dtype}, {"batch", B}, {"threads", threads},
-                     {"prompt_tokens", prompt_tokens}, {"decode_tokens", decode_tokens},
-                     {"prefill_tok_s", std::round(10 * B * prompt_tokens / p) / 10},
-                     {"decode_tok_s", std::round(10 * B * decode_tokens / dd) / 10},
-                     {"decode_ms_per_step", std::round(100 * 1000 * dd / decode_tokens) / 100},
-                     {"peak_rss_mb", std::round(peak_rss_mb())}, {"load_s", std::round(100 * load_s) / 100}};
-    std::cout << j.dump() << std::endl;
+    for (size_t mi = 0; mi < ms.size(); ++mi) {
+      double p = median(prefill_s[mi]), dd = median(decode_s[mi]);
+      nlohmann::json j{{"engine", "undertone"}, {"dtype", dtype}, {"cpu_decode", ms[mi].mode}, {"batch", B},
+                       {"threads", threads}, {"prompt_tokens", prompt_tokens}, {"decode_tokens", decode_tokens},
+                       {"prefill_tok_s", std::round(10 * B * prompt_tokens / p) / 10},
+                       {"decode_tok_s", std::round(10 * B * decode_tokens / dd) / 10},
+                       {"decode_ms_per_step", std::round(100 * 1000 * dd / decode_tokens) / 100},
+                       {"peak_rss_mb", std::round(peak_rss_mb())}, {"load_s", std::round(100 * ms[mi].load_s) / 100}};
+      std::cout << j.dump() << std::endl;
+    }
   }
   return 0;
 }

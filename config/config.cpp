@@ -80,6 +80,7 @@ const std::vector<field>& fields() {
     choice("llm", "chat_template", UT_FIELD(llm, chat_template), {"auto", "chatml", "llama-3"});
     text("llm", "system_prompt", UT_FIELD(llm, system_prompt));
     integer("llm", "max_slots", UT_FIELD(llm, max_slots), 1, 4096);
+    choice("llm", "cpu_decode", UT_FIELD(llm, cpu_decode), {"auto", "off"});
 
     real("sampling", "temperature", UT_FIELD(sampling, temperature), 0.0, 5.0);
     integer("sampling", "top_k", UT_FIELD(sampling, top_k), 0, 1000000);

@@ -36,6 +36,7 @@ struct llm_config {
   std::string chat_template = "auto";           ///< auto | chatml | llama-3
   std::string system_prompt;                    ///< "" = the model's default system prompt
   int64_t max_slots = 64;                       ///< conversations one worker serves at once
+  std::string cpu_decode = "auto";              ///< auto | off: CPU matrix-vector kernels for decode steps
 };
 
 struct sampling_config {

@@ -30,6 +30,7 @@ struct chat_llm_options {
   int64_t kv_cells = 32768;           ///< KV cache capacity over all sequences, tokens
   int64_t max_batch_rows = 512;       ///< prefill chunk, rows per step
   std::string chat_template = "auto"; ///< auto | chatml | llama-3
+  std::string cpu_decode = "auto";    ///< auto | off (llama_options::cpu_decode)
 };
 
 /// One piece of a prompt: text, or `n_embeddings` rows of d_model floats.

@@ -1,16 +1,21 @@
 #include "models/nn/llama.hpp"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
 
 #include <cmath>
 #include <limits>
+#include <map>
 #include <set>
 #include <sstream>
 #include <stdexcept>
 #include <unordered_map>
+
+#include "models/gguf.hpp"
+#include "models/nn/cpu_attention.hpp"
 
 namespace undertone::models {
 
@@ -103,6 +108,37 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
   return o.view({S, Hkv, R, rep, hd}).permute({0, 2, 1, 3, 4}).reshape({S, R, H * hd});
 }
 
+// ---- float32 row helpers of the CPU decode path (a few rows of d_model or
+// d_ff values: plain loops beat a dozen small ATen ops and their allocations).
+
+// y[r] = x[r] / rms(x[r]) * w for `rows` rows of n values.
+void rms_rows(const float* x, float* y, int64_t rows, int64_t n, const float* w, double eps) {
+  for (int64_t r = 0; r < rows; ++r, x += n, y += n) {
+    double ss = 0;
+    for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+    const float s = float(1.0 / std::sqrt(ss / double(n) + eps));
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * s * w[i];
+  }
+}
+
+// Rotate-half RoPE in place on `heads` heads of hd values, then * scale.
+void rope_row(float* p, int64_t heads, int64_t hd, const float* cos, const float* sin, float scale) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < heads; ++h, p += hd)
+    for (int64_t i = 0; i < half; ++i) {
+      const float x1 = p[i], x2 = p[half + i];
+      p[i] = (x1 * cos[i] - x2 * sin[i]) * scale;
+      p[half + i] = (x2 * cos[i] + x1 * sin[i]) * scale;
+    }
+}
+
+// Writes n float32 values as T (float, bf16 or fp16; round to nearest even).
+template <class T>
+void store_as(void* dst, const float* src, int64_t n) {
+  T* d = static_cast<T*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = T(src[i]);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------- model
@@ -176,12 +212,106 @@ llama_model::llama_model(const llm_checkpoint& ck, const llama_options& opt) : h
     inv[size_t(i)] = float(f);
   }
   inv_freq_ = torch::tensor(inv).to(opt.device);
+  pack_for_cpu_decode(ck);
+}
+
+void llama_model::pack_for_cpu_decode(const llm_checkpoint& ck) {
+  using cpu_gemv::wformat;
+  if (!opt_.cpu_decode || !opt_.device.is_cpu() || !cpu_gemv::supported(wformat::q4_1)) return;
+  const bool bf16 = opt_.dtype == torch::kBFloat16;
+  // The rows of `names` concatenated as in the fused ATen weight `fused`: from
+  // their GGUF blocks when all parts have the same block type, else the bf16
+  // weight itself (bf16 models), else nothing (ATen).
+  auto pack = [&](const std::vector<std::string>& names, const torch::Tensor& fused) {
+    packed p;
+    p.out = fused.size(0);
+    p.in = fused.size(1);
+    std::vector<torch::Tensor> parts;
+    uint32_t type = 0;
+    for (const auto& n : names) {
+      auto it = ck.quantized.find(n);
+      if (it == ck.quantized.end() || (!parts.empty() && it->second.type != type) || it->second.cols != p.in) {
+        parts.clear();
+        break;
+      }
+      type = it->second.type;
+      parts.push_back(it->second.data);
+    }
+    if (!parts.empty() && (type == uint32_t(ggml_type::q4_1) || type == uint32_t(ggml_type::q8_0))) {
+      p.f = type == uint32_t(ggml_type::q4_1) ? wformat::q4_1 : wformat::q8_0;
+      p.data = parts.size() == 1 ? parts[0].contiguous() : torch::cat(parts).contiguous();
+      if (p.data.size(0) != p.out || p.data.size(1) != cpu_gemv::row_bytes(p.f, p.in)) p = packed{};
+    } else if (bf16 && fused.scalar_type() == torch::kBFloat16 && fused.is_contiguous()) {
+      p.f = wformat::bf16;
+      p.data = fused;
+    }
+    cpu_decode_ready_ |= p.f != wformat::none;
+    return p;
+  };
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const std::string b = "blk." + std::to_string(i) + ".";
+    layer& L = layers_[i];
+    L.p_qkv = pack({b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"}, L.wqkv);
+    L.p_o = pack({b + "attn_output.weight"}, L.wo);
+    L.p_gate_up = pack({b + "ffn_gate.weight", b + "ffn_up.weight"}, L.w_gate_up);
+    L.p_down = pack({b + "ffn_down.weight"}, L.w_down);
+  }
+  p_output_ = pack({hp_.tied_embeddings ? "token_embd.weight" : "output.weight"}, output_);
+  if (opt_.dtype != torch::kFloat32 && opt_.dtype != torch::kBFloat16) cpu_decode_ready_ = false;
+  if (!cpu_decode_ready_) return;
+  for (layer& L : layers_) {
+    L.attn_norm_f32 = L.attn_norm.to(torch::kFloat32).contiguous();
+    L.ffn_norm_f32 = L.ffn_norm.to(torch::kFloat32).contiguous();
+  }
+  out_norm_f32_ = out_norm_.to(torch::kFloat32).contiguous();
+}
+
+std::string llama_model::cpu_decode_info() const {
+  if (!cpu_decode_ready_) return "off";
+  std::map<std::string, int> n;
+  auto count = [&](const packed& p) {
+    static const char* names[] = {"aten", "bf16", "q4_1", "q8_0"};
+    ++n[names[int(p.f)]];
+  };
+  for (const layer& L : layers_) {
+    count(L.p_qkv);
+    count(L.p_o);
+    count(L.p_gate_up);
+    count(L.p_down);
+  }
+  count(p_output_);
+  std::string r;
+  for (const auto& [k, v] : n) r += (r.empty() ? "" : ", ") + k + " x" + std::to_string(v);
+  return r + " (" + cpu_gemv::isa() + ", up to " + std::to_string(opt_.cpu_decode_max_rows) + " rows)";
+}
+
+torch::Tensor llama_model::proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p,
+                                const torch::Tensor& bias, bool fast, bool f32_out) const {
+  if (!fast || p.f == cpu_gemv::wformat::none) {
+    const torch::Tensor xw = x.to(w.scalar_type());  // the decode path's float32 rows on a bf16 weight
+    torch::Tensor y = bias.defined() ? lin(xw, w, bias) : lin(xw, w);
+    return f32_out ? y.to(torch::kFloat32) : y;
+  }
+  const bool bf16 = p.f == cpu_gemv::wformat::bf16;
+  const torch::Tensor xin = x.to(bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous();
+  const int64_t rows = xin.size(0), in = p.in, out = p.out;
+  torch::Tensor y = torch::empty({rows, out}, torch::kFloat32);
+  const float* xf = bf16 ? nullptr : xin.data_ptr<float>();
+  const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xin.data_ptr()) : nullptr;
+  const void* wp = p.data.data_ptr();
+  float* yp = y.data_ptr<float>();
+  const cpu_gemv::wformat f = p.f;
+  at::parallel_for(0, out, 64, [&](int64_t a, int64_t e) { cpu_gemv::gemv(f, wp, in, xf, xb, rows, yp, out, a, e); });
+  ++kernel_calls_;
+  if (bias.defined()) y.add_(bias);
+  return f32_out ? y : y.to(opt_.dtype);
 }
 
 std::shared_ptr<llama_model> llama_model::load(const std::string& path, const llama_options& opt) {
   // Dequantize straight to the target dtype so the host copy is as small as it can be.
   const torch::Dtype host = opt.device.is_cpu() ? opt.dtype : torch::kFloat32;
-  return std::make_shared<llama_model>(load_llm_checkpoint(path, host), opt);
+  const bool keep_blocks = opt.cpu_decode && opt.device.is_cpu() && cpu_gemv::supported(cpu_gemv::wformat::q4_1);
+  return std::make_shared<llama_model>(load_llm_checkpoint(path, host, keep_blocks), opt);
 }
 
 kv_cache llama_model::make_cache(int64_t n_cells) const { return kv_cache(hp_, n_cells, opt_.device, opt_.dtype); }
@@ -401,31 +531,12 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
                       tok_embd_.index_select(0, torch::tensor(tok_ids, long_opts).to(dev)).to(torch::kFloat32));
       }
     }
-    auto [cos, sin] = rope_tables(torch::tensor(b.pos, long_opts).to(dev));
-    bool contiguous_cells = true;
-    for (size_t i = 1; i < cells.size(); ++i) contiguous_cells &= cells[i] == cells[i - 1] + 1;
-    torch::Tensor cells_t;
-    if (!contiguous_cells) cells_t = torch::tensor(cells, long_opts).to(dev);
-
     const int64_t H = hp_.n_head, Hkv = hp_.n_head_kv, hd = hp_.head_dim;
     const int64_t Q = H * hd, KV = Hkv * hd;
     const double scale = 1.0 / std::sqrt(double(hd));
-    for (int64_t l = 0; l < hp_.n_layer; ++l) {
-      const layer& L = layers_[size_t(l)];
-      torch::Tensor h = rms_norm(x, L.attn_norm);
-      torch::Tensor qkv = L.bqkv.defined() ? lin(h, L.wqkv, L.bqkv) : lin(h, L.wqkv);
-      torch::Tensor q = apply_rope(qkv.narrow(1, 0, Q).view({N, H, hd}), cos, sin) * scale;
-      torch::Tensor k = apply_rope(qkv.narrow(1, Q, KV).view({N, Hkv, hd}), cos, sin);
-      torch::Tensor v = qkv.narrow(1, Q + KV, KV).view({N, Hkv, hd});
-      torch::Tensor& K = cache.k(l);
-      torch::Tensor& V = cache.v(l);
-      if (contiguous_cells) {
-        K.narrow(1, cells[0], N).copy_(k.transpose(0, 1));
-        V.narrow(1, cells[0], N).copy_(v.transpose(0, 1));
-      } else {
-        K.index_copy_(1, cells_t, k.transpose(0, 1));
-        V.index_copy_(1, cells_t, v.transpose(0, 1));
-      }
+    // Attention of q [N, H, hd] (model dtype) over the cache's keys/values of
+    // layer l, by groups; returns [N, Q] in the model dtype.
+    auto attend_groups = [&](const torch::Tensor& q, const torch::Tensor& K, const torch::Tensor& V) {
       torch::Tensor attn;
       std::vector<torch::Tensor> outs;
       for (const group& G : groups) {
@@ -453,7 +564,121 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
             attn.narrow(0, G.row0, outs[gi].size(0)).copy_(outs[gi]);
         }
       }
-      x = x + lin(attn, L.wo).to(torch::kFloat32);
+      return attn;
+    };
+
+    if (cpu_decode_ready_ && N <= opt_.cpu_decode_max_rows) {
+      // CPU decode path: the matrix-vector products on the kernels; between
+      // them the activations stay float32 rows updated in place (RMSNorm, RoPE,
+      // SwiGLU, residuals as plain loops); only the KV cache and the attention
+      // matmuls use the model dtype.
+      const int64_t D = hp_.d_model, F = hp_.d_ff, half = hd / 2, W = Q + 2 * KV;
+      const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+      x = x.contiguous();
+      float* xp = x.data_ptr<float>();
+      torch::Tensor hbuf = torch::empty({N, D}, f32), abuf = torch::empty({N, F}, f32);
+      float* hbp = hbuf.data_ptr<float>();
+      float* abp = abuf.data_ptr<float>();
+      torch::Tensor ang = torch::tensor(b.pos, long_opts).to(torch::kFloat32).unsqueeze(-1) * inv_freq_;
+      torch::Tensor cos32 = at::cos(ang).contiguous(), sin32 = at::sin(ang).contiguous();
+      const float* cp32 = cos32.data_ptr<float>();
+      const float* sp32 = sin32.data_ptr<float>();
+      const bool kv_bf16 = opt_.dtype == torch::kBFloat16;
+      const auto store = kv_bf16 ? &store_as<c10::BFloat16> : &store_as<float>;
+      const size_t esz = kv_bf16 ? 2 : 4;
+      // Attention on cpu_attention (float32 scores and outputs) where it runs:
+      // each row's cells are those of its sequence at positions <= its own.
+      const bool own_attn = cpu_attention::supported(hd);
+      std::vector<std::vector<int64_t>> row_cells(own_attn ? size_t(N) : 0);
+      for (size_t n = 0; n < row_cells.size(); ++n)
+        for (int64_t c : seq_cells[group_of_seq.at(b.seq[n])])
+          if (cp[size_t(c)] <= b.pos[n]) row_cells[n].push_back(c);
+      const int64_t rep = H / Hkv;
+      for (int64_t l = 0; l < hp_.n_layer; ++l) {
+        const layer& L = layers_[size_t(l)];
+        rms_rows(xp, hbp, N, D, L.attn_norm_f32.data_ptr<float>(), hp_.rms_eps);
+        torch::Tensor qkv = proj(hbuf, L.wqkv, L.p_qkv, L.bqkv, true, true);  // [N, W] float32
+        float* qp = qkv.data_ptr<float>();
+        torch::Tensor& K = cache.k(l);
+        torch::Tensor& V = cache.v(l);
+        if (!K.is_contiguous() || !V.is_contiguous())
+          throw std::runtime_error("llm step: KV cache tensors are not contiguous");
+        const int64_t n_cells = K.size(1);
+        auto* kp = static_cast<char*>(K.data_ptr());
+        auto* vp = static_cast<char*>(V.data_ptr());
+        for (int64_t n = 0; n < N; ++n) {
+          float* row = qp + n * W;
+          rope_row(row, H, hd, cp32 + n * half, sp32 + n * half, float(scale));
+          rope_row(row + Q, Hkv, hd, cp32 + n * half, sp32 + n * half, 1.0f);
+          for (int64_t g = 0; g < Hkv; ++g) {
+            const size_t off = size_t((g * n_cells + cells[size_t(n)]) * hd) * esz;
+            store(kp + off, row + Q + g * hd, hd);
+            store(vp + off, row + Q + KV + g * hd, hd);
+          }
+        }
+        torch::Tensor attn;
+        if (own_attn) {
+          attn = torch::empty({N, Q}, f32);
+          float* atp = attn.data_ptr<float>();
+          at::parallel_for(0, N * H, 1, [&](int64_t t0, int64_t t1) {
+            std::vector<float> scratch;
+            for (int64_t t = t0; t < t1; ++t) {
+              const int64_t n = t / H, h = t % H, g = h / rep;  // query head h reads kv head h / rep
+              const auto& rc = row_cells[size_t(n)];
+              scratch.resize(rc.size());
+              const size_t kv_off = size_t(g * n_cells * hd) * esz;
+              cpu_attention::attend_one(qp + n * W + h * hd, kp + kv_off, vp + kv_off, kv_bf16, hd, rc.data(),
+                                        int64_t(rc.size()), scratch.data(), atp + n * Q + h * hd);
+            }
+          });
+        } else {
+          attn = attend_groups(qkv.narrow(1, 0, Q).to(opt_.dtype).view({N, H, hd}), K, V);
+        }
+        torch::Tensor o = proj(attn, L.wo, L.p_o, {}, true, true);
+        const float* op = o.data_ptr<float>();
+        for (int64_t i = 0; i < N * D; ++i) xp[i] += op[i];
+        rms_rows(xp, hbp, N, D, L.ffn_norm_f32.data_ptr<float>(), hp_.rms_eps);
+        torch::Tensor gu = proj(hbuf, L.w_gate_up, L.p_gate_up, {}, true, true);  // [N, 2F]
+        const float* gp = gu.data_ptr<float>();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t i = 0; i < F; ++i) {
+            const float g = gp[n * 2 * F + i];
+            abp[n * F + i] = g / (1.0f + std::exp(-g)) * gp[n * 2 * F + F + i];
+          }
+        torch::Tensor dn = proj(abuf, L.w_down, L.p_down, {}, true, true);
+        const float* dp = dn.data_ptr<float>();
+        for (int64_t i = 0; i < N * D; ++i) xp[i] += dp[i];
+      }
+      if (wanted.empty())
+        return torch::empty({0, hp_.n_vocab}, torch::TensorOptions().device(dev).dtype(torch::kFloat32));
+      const int64_t nw = int64_t(wanted.size());
+      for (int64_t i = 0; i < nw; ++i)
+        rms_rows(xp + wanted[size_t(i)] * D, hbp + i * D, 1, D, out_norm_f32_.data_ptr<float>(), hp_.rms_eps);
+      return proj(hbuf.narrow(0, 0, nw), output_, p_output_, {}, true, true);
+    }
+
+    auto [cos, sin] = rope_tables(torch::tensor(b.pos, long_opts).to(dev));
+    bool contiguous_cells = true;
+    for (size_t i = 1; i < cells.size(); ++i) contiguous_cells &= cells[i] == cells[i - 1] + 1;
+    torch::Tensor cells_t;
+    if (!contiguous_cells) cells_t = torch::tensor(cells, long_opts).to(dev);
+    for (int64_t l = 0; l < hp_.n_layer; ++l) {
+      const layer& L = layers_[size_t(l)];
+      torch::Tensor h = rms_norm(x, L.attn_norm);
+      torch::Tensor qkv = L.bqkv.defined() ? lin(h, L.wqkv, L.bqkv) : lin(h, L.wqkv);
+      torch::Tensor q = apply_rope(qkv.narrow(1, 0, Q).view({N, H, hd}), cos, sin) * scale;
+      torch::Tensor k = apply_rope(qkv.narrow(1, Q, KV).view({N, Hkv, hd}), cos, sin);
+      torch::Tensor v = qkv.narrow(1, Q + KV, KV).view({N, Hkv, hd});
+      torch::Tensor& K = cache.k(l);
+      torch::Tensor& V = cache.v(l);
+      if (contiguous_cells) {
+        K.narrow(1, cells[0], N).copy_(k.transpose(0, 1));
+        V.narrow(1, cells[0], N).copy_(v.transpose(0, 1));
+      } else {
+        K.index_copy_(1, cells_t, k.transpose(0, 1));
+        V.index_copy_(1, cells_t, v.transpose(0, 1));
+      }
+      x = x + lin(attend_groups(q, K, V), L.wo).to(torch::kFloat32);
       x = ffn(L, x);
     }
     if (wanted.empty())

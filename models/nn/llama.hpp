@@ -12,12 +12,14 @@
 
 #include <torch/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "models/nn/cpu_gemv.hpp"
 #include "models/nn/kv_cache.hpp"
 #include "models/nn/llm_checkpoint.hpp"
 
@@ -53,6 +55,14 @@ struct llm_batch {
 struct llama_options {
   torch::Device device = torch::kCPU;    ///< cpu or cuda:N
   torch::Dtype dtype = torch::kFloat32;  ///< weights, activations and KV cache: fp32, bf16 or fp16
+  /// CPU decode kernels (models/nn/cpu_gemv.hpp, config llm.cpu_decode): when
+  /// true, on a CPU with AVX-512, steps of at most cpu_decode_max_rows rows run
+  /// their matrix-vector products on the kernels: q4_1/q8_0 GGUF matrices from
+  /// their raw blocks (kept besides the dequantized copy: ~100 MB for
+  /// SmolLM2-135M), other matrices of a bf16 model on the bf16 kernel, and
+  /// attention on cpu_attention.hpp, activations in float32. false: ATen only.
+  bool cpu_decode = true;
+  int64_t cpu_decode_max_rows = 4;  ///< rows of a step up to which the kernels run
 };
 
 class llama_model {
@@ -105,11 +115,24 @@ class llama_model {
   /// Logits (float32) from final-norm hidden states [..., d_model].
   torch::Tensor lm_head(const torch::Tensor& hidden) const;
 
+  /// What the CPU decode kernels run here, e.g. "q4_1 x210, q8_0 x1 (avx512-bf16)",
+  /// or "off" (disabled, not a CPU with AVX-512, or no matrix they can read).
+  std::string cpu_decode_info() const;
+  /// Matrix-vector products run on the CPU decode kernels so far (a counter
+  /// for tests and benchmarks).
+  int64_t cpu_decode_calls() const { return kernel_calls_.load(); }
+
   /// Every weight tensor with a descriptive name (fused ones: "blk.{i}.attn_qkv.weight",
   /// "blk.{i}.ffn_gate_up.weight"); none requires grad.
   std::vector<std::pair<std::string, torch::Tensor>> named_parameters() const;
 
  private:
+  /// A matrix as the CPU decode kernels read it (format none: ATen only).
+  struct packed {
+    cpu_gemv::wformat f = cpu_gemv::wformat::none;
+    int64_t out = 0, in = 0;
+    torch::Tensor data;  ///< uint8 blocks, or the bf16 weight itself
+  };
   struct layer {
     torch::Tensor attn_norm;  ///< [d_model]
     torch::Tensor wqkv;       ///< [(n_head + 2 n_head_kv) * head_dim, d_model]
@@ -118,6 +141,8 @@ class llama_model {
     torch::Tensor ffn_norm;   ///< [d_model]
     torch::Tensor w_gate_up;  ///< [2 d_ff, d_model]
     torch::Tensor w_down;     ///< [d_model, d_ff]
+    packed p_qkv, p_o, p_gate_up, p_down;  ///< the same for the decode kernels
+    torch::Tensor attn_norm_f32, ffn_norm_f32;  ///< norm weights in float32 for the decode path
   };
   /// RMSNorm in float32 statistics; x float32 [..., d_model] -> model dtype.
   torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w) const;
@@ -127,6 +152,13 @@ class llama_model {
   static torch::Tensor apply_rope(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
   /// x float32 [..., d_model] += SwiGLU(norm(x)).
   torch::Tensor ffn(const layer& L, const torch::Tensor& x) const;
+  /// x [N, in] @ W^T (+ bias): on the decode kernels when `fast` and `p` has
+  /// a format, else ATen. Returns float32 if `f32_out`, else the model dtype.
+  torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p, const torch::Tensor& bias,
+                     bool fast, bool f32_out) const;
+  /// Builds the kernels' view of the weights from the checkpoint (blocks) or
+  /// the bf16 weights; leaves every format none when the kernels cannot run.
+  void pack_for_cpu_decode(const llm_checkpoint& ck);
 
   llama_hparams hp_;
   llama_options opt_;
@@ -135,6 +167,10 @@ class llama_model {
   torch::Tensor output_;     ///< [n_vocab, d_model] (== tok_embd_ when tied)
   torch::Tensor inv_freq_;   ///< [head_dim/2] float32, RoPE frequencies after scaling
   std::vector<layer> layers_;
+  packed p_output_;            ///< output_ for the decode kernels
+  torch::Tensor out_norm_f32_;  ///< out_norm_ in float32 for the decode path
+  bool cpu_decode_ready_ = false;
+  mutable std::atomic<int64_t> kernel_calls_{0};
 };
 
 }  // namespace undertone::models

@@ -54,24 +54,42 @@ struct llama_hparams {
 /// Weights by canonical name (see the table above).
 using weight_map = std::map<std::string, torch::Tensor>;
 
+/// A quantized 2-D weight kept in its GGUF blocks (for the CPU decode kernels,
+/// models/nn/cpu_gemv.hpp): `rows` rows in torch order ([out, in]; q/k rows
+/// un-permuted like the dequantized tensor), each `cols / 32` ggml blocks.
+struct quantized_weight {
+  uint32_t type = 0;  ///< ggml_type value (q4_1 or q8_0)
+  int64_t rows = 0;   ///< out_features
+  int64_t cols = 0;   ///< in_features
+  torch::Tensor data; ///< uint8 [rows, bytes per row], CPU
+};
+
 struct llm_checkpoint {
   std::string path;    ///< file or directory it was loaded from
   std::string format;  ///< "gguf" | "hf-safetensors"
   llama_hparams hp;
   weight_map weights;  ///< all on CPU, in the dtype asked for
+  /// Raw blocks of the q4_1 / q8_0 matrices by canonical name, besides their
+  /// dequantized copy in `weights`; filled only when the loader is asked to.
+  std::map<std::string, quantized_weight> quantized;
 };
 
 /// Loads a GGUF checkpoint: dequantizes every tensor (f32/f16/bf16/q4_0/q4_1/
 /// q5_x/q8_0/k-quants) to `dtype`. Missing tensors, shape mismatches and
-/// unsupported types throw std::runtime_error naming the tensor.
-llm_checkpoint load_gguf_llm(const std::string& path, torch::Dtype dtype = torch::kFloat32);
+/// unsupported types throw std::runtime_error naming the tensor. With
+/// `keep_blocks`, the q4_1 and q8_0 matrices are also kept as raw blocks in
+/// llm_checkpoint::quantized.
+llm_checkpoint load_gguf_llm(const std::string& path, torch::Dtype dtype = torch::kFloat32,
+                             bool keep_blocks = false);
 
 /// Loads a Hugging Face checkpoint directory (config.json + *.safetensors,
 /// sharded or not) of a supported architecture (LlamaForCausalLM,
 /// Qwen2ForCausalLM, MistralForCausalLM without sliding window).
 llm_checkpoint load_hf_llm(const std::string& dir, torch::Dtype dtype = torch::kFloat32);
 
-/// Dispatches on the path: a .gguf file or an HF directory.
-llm_checkpoint load_llm_checkpoint(const std::string& path, torch::Dtype dtype = torch::kFloat32);
+/// Dispatches on the path: a .gguf file or an HF directory (`keep_blocks`:
+/// see load_gguf_llm; HF checkpoints have no blocks).
+llm_checkpoint load_llm_checkpoint(const std::string& path, torch::Dtype dtype = torch::kFloat32,
+                                   bool keep_blocks = false);
 
 }  // namespace undertone::models

@@ -44,7 +44,7 @@ torch::Tensor unpermute_qk(const torch::Tensor& w, int64_t n_heads) {
 
 }  // namespace
 
-llm_checkpoint load_gguf_llm(const std::string& path, torch::Dtype dtype) {
+llm_checkpoint load_gguf_llm(const std::string& path, torch::Dtype dtype, bool keep_blocks) {
   gguf_file f(path);
   llm_checkpoint ck;
   ck.path = path;
@@ -150,18 +150,30 @@ llm_checkpoint load_gguf_llm(const std::string& path, torch::Dtype dtype) {
     if (hp.arch == "llama" && (is_k || is_kb)) w = unpermute_qk(w, hp.n_head_kv);
     // Norm weights and RoPE factors stay fp32-precise but follow the dtype asked for.
     ck.weights[name] = dtype == torch::kFloat32 ? w : w.to(dtype);
+    const auto type = static_cast<ggml_type>(t->type);
+    if (keep_blocks && shape.size() == 2 && (type == ggml_type::q4_1 || type == ggml_type::q8_0)) {
+      // Rows are independent runs of blocks, so the q/k row un-permutation
+      // applies to the packed bytes as to the dequantized rows.
+      const int64_t rb = int64_t(ggml_row_bytes(t->type, shape[1]));
+      if (uint64_t(rb * shape[0]) != t->n_bytes) fail(path, "tensor " + name + ": block bytes do not match its shape");
+      uint8_t* src = const_cast<uint8_t*>(f.tensor_data(*t));  // read only: cloned right away
+      torch::Tensor q = torch::from_blob(src, {shape[0], rb}, torch::kUInt8).clone();
+      if (hp.arch == "llama" && is_q) q = unpermute_qk(q, hp.n_head);
+      if (hp.arch == "llama" && is_k) q = unpermute_qk(q, hp.n_head_kv);
+      ck.quantized[name] = quantized_weight{t->type, shape[0], shape[1], q};
+    }
   }
   return ck;
 }
 
-llm_checkpoint load_llm_checkpoint(const std::string& path, torch::Dtype dtype) {
+llm_checkpoint load_llm_checkpoint(const std::string& path, torch::Dtype dtype, bool keep_blocks) {
   namespace fs = std::filesystem;
   std::error_code ec;
   if (fs::is_directory(path, ec)) return load_hf_llm(path, dtype);
   if (!fs::exists(path, ec))
     throw std::runtime_error("LLM checkpoint " + path + " does not exist (expected a .gguf file or an "
                              "HF directory with config.json)");
-  if (fs::path(path).extension() == ".gguf") return load_gguf_llm(path, dtype);
+  if (fs::path(path).extension() == ".gguf") return load_gguf_llm(path, dtype, keep_blocks);
   throw std::runtime_error("LLM checkpoint " + path +
                            ": not a .gguf file nor a directory; pass a GGUF file or an HF checkpoint "
                            "directory");

@@ -33,6 +33,9 @@ loaded_llm load_llm(const chat_llm_options& o, const std::string& who) {
   llama_options lo;
   lo.device = torch::Device(o.device);
   lo.dtype = parse_llm_dtype(o.dtype);
+  if (o.cpu_decode != "auto" && o.cpu_decode != "off")
+    throw std::runtime_error("llm.cpu_decode must be auto or off, got '" + o.cpu_decode + "'");
+  lo.cpu_decode = o.cpu_decode == "auto";
   if (lo.device.is_cuda() && !torch::cuda::is_available())
     throw std::runtime_error("llm.device is " + o.device + " but no CUDA device is available");
   loaded_llm m;
