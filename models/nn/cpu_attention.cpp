@@ -7,18 +7,13 @@
 #include <cmath>
 #include <limits>
 
+#include "models/nn/cpu_features.hpp"
+
 #define UT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 namespace undertone::models::cpu_attention {
 
 namespace {
-
-bool cpu_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("fma");
-  return ok;
-}
 
 template <bool BF16>
 UT_AVX512 inline __m512 load16(const void* base, int64_t i) {
@@ -64,7 +59,7 @@ UT_AVX512 void attend_t(const float* q, const void* k, const void* v, int64_t hd
 
 }  // namespace
 
-bool supported(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && cpu_avx512(); }
+bool supported(int64_t head_dim) { return head_dim > 0 && head_dim % 16 == 0 && cpu_has_avx512(); }
 
 void attend_one(const float* q, const void* k, const void* v, bool bf16, int64_t hd, const int64_t* cells,
                 int64_t n, float* scratch, float* out) {

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "models/nn/cpu_features.hpp"
+
 // Each kernel is compiled for AVX-512 through a function attribute (not a
 // file-wide -mavx512f), so the rest of the binary stays baseline x86-64 and the
 // kernels only run after the CPU check in supported().
@@ -18,17 +20,6 @@
 namespace undertone::models::cpu_gemv {
 
 namespace {
-
-bool cpu_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                         __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  return ok;
-}
-bool cpu_avx512_bf16() {
-  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512bf16");
-  return ok;
-}
 
 // ---- bf16 weights, AVX512-BF16: pairs of bf16 multiplied and summed into fp32
 // lanes (vdpbf16ps). Four output rows at a time so that 4 * R independent
@@ -199,9 +190,9 @@ int64_t row_bytes(wformat f, int64_t in) {
   return 0;
 }
 
-bool supported(wformat f) { return f != wformat::none && cpu_avx512(); }
+bool supported(wformat f) { return f != wformat::none && cpu_has_avx512(); }
 
-const char* isa() { return cpu_avx512_bf16() && g_use_bf16_dp ? "avx512-bf16" : cpu_avx512() ? "avx512" : "none"; }
+const char* isa() { return cpu_has_avx512_bf16() && g_use_bf16_dp ? "avx512-bf16" : cpu_has_avx512() ? "avx512" : "none"; }
 
 void use_avx512_bf16(bool on) { g_use_bf16_dp = on; }
 
@@ -210,7 +201,7 @@ void gemv(wformat f, const void* w, int64_t in, const float* x, const uint16_t* 
   if (rows <= 0 || o1 <= o0) return;
   switch (f) {
     case wformat::bf16:
-      if (cpu_avx512_bf16() && g_use_bf16_dp)
+      if (cpu_has_avx512_bf16() && g_use_bf16_dp)
         by_rows<k_bf16_dp>(static_cast<const uint16_t*>(w), in, xb, rows, y, ldy, o0, o1);
       else
         by_rows<k_bf16_f32>(static_cast<const uint16_t*>(w), in, xb, rows, y, ldy, o0, o1);

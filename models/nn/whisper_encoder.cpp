@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "models/ct2_model.hpp"
+#include "models/nn/cpu_features.hpp"
 #include "models/safetensors.hpp"
 
 namespace undertone::models {
@@ -97,11 +98,9 @@ struct fused_attention_job {
   int64_t store_slot = -1;        // >= 0: write the block's keys/values into the ring from this slot
 };
 
-bool cpu_has_avx512() {
+bool fused_kernel_cpu() {
 #if UT_FUSED_ATTENTION
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
+  return cpu_has_avx512();
 #else
   return false;
 #endif
@@ -447,7 +446,7 @@ whisper_encoder::whisper_encoder(const whisper_hparams& hp,
   ln_w_ = param(*ln, "weight", get("layer_norm.weight", {d}));
   ln_b_ = param(*ln, "bias", get("layer_norm.bias", {d}));
   fused_attention_ = opt.device.is_cpu() && (opt.dtype == torch::kFloat32 || opt.dtype == torch::kBFloat16) &&
-                     (d / hp.n_heads) % 64 == 0 && cpu_has_avx512();
+                     (d / hp.n_heads) % 64 == 0 && fused_kernel_cpu();
   set_trainable_layers(opt.trainable_layers);
 }
 
