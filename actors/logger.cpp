@@ -44,6 +44,7 @@ struct logger_state {
                  {"last_voice_to_first_token_ms", x.last_voice_to_first_token_ms},
                  {"audio_ms", x.audio_ms},
                  {"encode_ms", x.encode_ms},
+                 {"flush_ms", x.flush_ms},
                  {"prefill_ms", x.prefill_ms},
                  {"decode_ms", x.decode_ms},
                  {"speech_tokens", x.speech_tokens},

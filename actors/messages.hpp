@@ -142,6 +142,8 @@ struct turn_timings {
   double last_voice_to_first_token_ms = -1;   ///< last voiced sample -> first token (server VAD)
   double audio_ms = 0;                        ///< user speech in this turn
   double encode_ms = 0;                       ///< encoder time spent on this turn
+  double flush_ms = -1;                       ///< end of turn -> the turn's last speech rows reached the
+                                              ///< session (final chunk encoded, queueing included)
   double prefill_ms = 0;
   double decode_ms = 0;
   int64_t speech_tokens = 0;

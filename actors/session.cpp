@@ -531,6 +531,7 @@ caf::behavior session_behavior(caf::stateful_actor<session_state>* self, session
         }
         if (r.last) {
           c.rows_done = true;
+          if (c.have_end) c.timings.flush_ms = ms_between(c.end_time, clk::now());
           if (st.logic.state() == turn_state::thinking) st.finish_user_message();
         }
       },

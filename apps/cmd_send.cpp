@@ -46,6 +46,8 @@ struct turn_stats {
   double tokens_per_s = 0;
   int64_t tokens = 0;
   double last_voice_ms = -1;  ///< server VAD turns: last voiced sample -> first token (server clock)
+  double flush_ms = -1;       ///< server: end of turn -> last speech rows out of the encoder
+  double prefill_ms = -1;     ///< server: answer requested -> first token sampled
 };
 
 /// Shared by all session threads.
@@ -205,6 +207,8 @@ class session_runner {
       s.first_token_ms = t.timings.end_of_turn_to_first_token_ms;
     }
     s.last_voice_ms = t.timings.last_voice_to_first_token_ms;
+    s.flush_ms = t.timings.flush_ms;
+    s.prefill_ms = t.stop_reason == "cancelled" ? -1 : t.timings.prefill_ms;
     // The server's decode time when it reports one: deltas that queued up while
     // this client was busy would make the client-side rate meaningless.
     const double gen_s = answering_ ? std::chrono::duration<double>(now - first_).count() : 0.0;
@@ -215,8 +219,11 @@ class session_runner {
     if (rs_.inline_output && answering_) out += "\n";
     if (!answering_ && !t.text.empty()) out += tag_ + t.text + "\n";
     char buf[256];
-    std::snprintf(buf, sizeof buf, "turn %lld: first token %.0f ms after end of turn, %lld tokens, %.1f tokens/s (%s)\n",
-                  (long long)t.turn, s.first_token_ms, (long long)s.tokens, s.tokens_per_s, t.stop_reason.c_str());
+    std::snprintf(buf, sizeof buf,
+                  "turn %lld: first token %.0f ms after end of turn (server: encoder flush %.0f ms, prefill %.0f ms), "
+                  "%lld tokens, %.1f tokens/s (%s)\n",
+                  (long long)t.turn, s.first_token_ms, s.flush_ms, s.prefill_ms, (long long)s.tokens, s.tokens_per_s,
+                  t.stop_reason.c_str());
     out += tag_ + buf;
     {
       std::lock_guard<std::mutex> lock(rs_.mu);
@@ -312,8 +319,10 @@ void add_send_command(CLI::App& app, global_options& g) {
     for (auto& t : threads) t.join();
     runners.clear();
 
-    std::vector<double> lat, tps, voice;
+    std::vector<double> lat, tps, voice, flush, prefill;
     for (const auto& t : rs.turns) {
+      if (t.flush_ms >= 0) flush.push_back(t.flush_ms);
+      if (t.prefill_ms >= 0) prefill.push_back(t.prefill_ms);
       if (t.first_token_ms >= 0) lat.push_back(t.first_token_ms);
       if (t.last_voice_ms >= 0) voice.push_back(t.last_voice_ms);
       if (t.tokens_per_s > 0) tps.push_back(t.tokens_per_s);
@@ -325,6 +334,13 @@ void add_send_command(CLI::App& app, global_options& g) {
                   (long long)fl.sessions, rs.turns.size(), rs.failed_sessions, rs.errors, percentile(lat, 50),
                   percentile(lat, 95), percentile(tps, 50), percentile(tps, 95));
     std::cout << buf;
+    if (!flush.empty() || !prefill.empty()) {
+      std::snprintf(buf, sizeof buf,
+                    "summary: server side: encoder flush p50 %.0f ms, p95 %.0f ms; prefill (answer requested -> "
+                    "first token) p50 %.0f ms, p95 %.0f ms\n",
+                    percentile(flush, 50), percentile(flush, 95), percentile(prefill, 50), percentile(prefill, 95));
+      std::cout << buf;
+    }
     if (!voice.empty()) {
       std::snprintf(buf, sizeof buf, "summary: last voiced sample -> first token p50 %.0f ms, p95 %.0f ms (%zu turns)\n",
                     percentile(voice, 50), percentile(voice, 95), voice.size());

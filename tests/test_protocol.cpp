@@ -180,6 +180,7 @@ BOOST_AUTO_TEST_CASE(server_frames) {
   t.timings.audio_ms = 2000;
   t.timings.encode_ms = 40;
   t.timings.prefill_ms = 30;
+  t.timings.flush_ms = 25;
   t.timings.decode_ms = 250;
   t.timings.speech_tokens = 12;
   t.timings.answer_tokens = 9;
@@ -194,6 +195,7 @@ BOOST_AUTO_TEST_CASE(server_frames) {
   BOOST_TEST(tt.timings.audio_ms == 2000);
   BOOST_TEST(tt.timings.encode_ms == 40);
   BOOST_TEST(tt.timings.prefill_ms == 30);
+  BOOST_TEST(tt.timings.flush_ms == 25);
   BOOST_TEST(tt.timings.decode_ms == 250);
   BOOST_TEST(tt.timings.speech_tokens == 12);
   BOOST_TEST(tt.timings.answer_tokens == 9);

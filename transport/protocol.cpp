@@ -127,11 +127,12 @@ struct server_encoder {
     h.put("turn", m.turn).put("text", m.text).put("stop", m.stop_reason);
     const auto t = m.timings;
     h.put_raw("timings", [t](msgpack::packer<msgpack::sbuffer>& p) {
-      p.pack_map(8);
+      p.pack_map(9);
       p.pack("eot_ms"), p.pack(t.end_of_turn_to_first_token_ms);
       p.pack("voice_ms"), p.pack(t.last_voice_to_first_token_ms);
       p.pack("audio_ms"), p.pack(t.audio_ms);
       p.pack("encode_ms"), p.pack(t.encode_ms);
+      p.pack("flush_ms"), p.pack(t.flush_ms);
       p.pack("prefill_ms"), p.pack(t.prefill_ms);
       p.pack("decode_ms"), p.pack(t.decode_ms);
       p.pack("speech_tokens"), p.pack(t.speech_tokens);
@@ -470,6 +471,7 @@ server_message decode_server(const std::vector<std::string_view>& parts, const f
       x.last_voice_to_first_token_ms = tr.real_or("voice_ms", -1);
       x.audio_ms = tr.real_or("audio_ms", 0);
       x.encode_ms = tr.real_or("encode_ms", 0);
+      x.flush_ms = tr.real_or("flush_ms", -1);
       x.prefill_ms = tr.real_or("prefill_ms", 0);
       x.decode_ms = tr.real_or("decode_ms", 0);
       x.speech_tokens = tr.integer_or<int64_t>("speech_tokens", 0);
