@@ -8,12 +8,18 @@
 // prefill_tok_s, decode_tok_s, decode_ms_per_step, peak_rss_mb).
 // --cpu-decode both runs the two modes of llm.cpu_decode in one process
 // (models loaded one after the other), so their ratio is an A/B on the same
-// machine state.
+// machine state; more modes may be listed (e.g. `off f32act auto`: f32act is
+// auto with fp32 activations at every step size, the kernels' crossover).
+// --max-rows sets llama_options::cpu_decode_max_rows (largest step on the
+// kernels), so `--batch 5 8 16 32 64 --max-rows 256 --cpu-decode both` shows
+// where the kernels stop beating ATen for decode steps (B rows) and
+// `--prompt-tokens 128` for prefill steps (P rows, prefill_ms_per_step).
 #include <sys/resource.h>
 
 #include <algorithm>
 #include <chrono>
 #include <iostream>
+#include <limits>
 #include <random>
 
 #include <CLI/CLI.hpp>
@@ -44,7 +50,10 @@ std::string default_model() {
 
 int main(int argc, char** argv) {
   CLI::App app{"undertone LLM throughput benchmark (see bench/run_llm.sh for the comparison with llama.cpp)"};
-  std::string model = default_model(), dtype = "fp32", device = "cpu", cpu_decode = "auto";
+  std::string model = default_model(), dtype = "fp32", device = "cpu";
+  std::vector<std::string> cpu_decode{"auto"};
+  const llama_options dflt;
+  int64_t max_rows = dflt.cpu_decode_max_rows, bf16_rows = dflt.cpu_decode_bf16_rows;
   std::vector<int> batches{1, 4, 16, 64};
   int prompt_tokens = 64, decode_tokens = 32, threads = 2, repeats = 3;
   app.add_option("--model", model, "GGUF file or HF directory")->capture_default_str();
@@ -56,14 +65,27 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "compute threads")->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--cpu-decode", cpu_decode,
-                 "CPU decode kernels (llm.cpu_decode): auto, off, or both (one row per mode, in this order: off, auto)")
-      ->check(CLI::IsMember({"auto", "off", "both"}))
+                 "CPU decode kernels (llm.cpu_decode), one or more of: auto, off, both (= off auto), f32act (auto "
+                 "with fp32 activations at every step size); one row per mode and batch, modes interleaved")
+      ->check(CLI::IsMember({"auto", "off", "both", "f32act"}))
+      ->capture_default_str();
+  app.add_option("--max-rows", max_rows, "largest step (rows) on the CPU decode kernels (llama_options::cpu_decode_max_rows)")
+      ->capture_default_str();
+  app.add_option("--bf16-rows", bf16_rows,
+                 "bf16 models: steps of at least this many rows use bf16 activations (llama_options::cpu_decode_bf16_rows)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
 
   set_compute_threads(threads);
-  std::vector<std::string> modes{cpu_decode};
-  if (cpu_decode == "both") modes = {"off", "auto"};
+  std::vector<std::string> modes;
+  for (const auto& c : cpu_decode) {
+    if (c == "both") {
+      modes.push_back("off");
+      modes.push_back("auto");
+    } else {
+      modes.push_back(c);
+    }
+  }
   struct loaded {
     std::string mode;
     std::shared_ptr<llama_model> m;
@@ -74,7 +96,9 @@ int main(int argc, char** argv) {
     llama_options opt;
     opt.device = torch::Device(device);
     opt.dtype = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp16" ? torch::kFloat16 : torch::kFloat32;
-    opt.cpu_decode = mode == "auto";
+    opt.cpu_decode = mode != "off";
+    opt.cpu_decode_max_rows = max_rows;
+    opt.cpu_decode_bf16_rows = mode == "f32act" ? std::numeric_limits<int64_t>::max() : bf16_rows;
     auto t0 = clk::now();
     auto m = llama_model::load(model, opt);
     double load_s = std::chrono::duration<double>(clk::now() - t0).count();
@@ -121,6 +145,7 @@ int main(int argc, char** argv) {
                        {"prefill_tok_s", std::round(10 * B * prompt_tokens / p) / 10},
                        {"decode_tok_s", std::round(10 * B * decode_tokens / dd) / 10},
                        {"decode_ms_per_step", std::round(100 * 1000 * dd / decode_tokens) / 100},
+                       {"prefill_ms_per_step", std::round(100 * 1000 * p / B) / 100},
                        {"peak_rss_mb", std::round(peak_rss_mb())}, {"load_s", std::round(100 * ms[mi].load_s) / 100}};
       std::cout << j.dump() << std::endl;
     }

@@ -286,11 +286,24 @@ std::string llama_model::cpu_decode_info() const {
 }
 
 torch::Tensor llama_model::proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p,
-                                const torch::Tensor& bias, bool fast, bool f32_out) const {
+                                const torch::Tensor& bias, bool fast, bool f32_out, bool wide) const {
   if (!fast || p.f == cpu_gemv::wformat::none) {
     const torch::Tensor xw = x.to(w.scalar_type());  // the decode path's float32 rows on a bf16 weight
     torch::Tensor y = bias.defined() ? lin(xw, w, bias) : lin(xw, w);
     return f32_out ? y.to(torch::kFloat32) : y;
+  }
+  if (wide) {
+    const torch::Tensor xin = x.to(torch::kBFloat16).contiguous();  // once per projection input
+    const int64_t rows = xin.size(0), in = p.in, out = p.out;
+    torch::Tensor y = torch::empty({rows, out}, torch::kFloat32);
+    const auto* xb = reinterpret_cast<const uint16_t*>(xin.data_ptr());
+    const void* wp = p.data.data_ptr();
+    float* yp = y.data_ptr<float>();
+    const cpu_gemv::wformat f = p.f;
+    at::parallel_for(0, out, 16, [&](int64_t a, int64_t e) { cpu_gemv::gemm_bf16(f, wp, in, xb, rows, yp, out, a, e); });
+    ++kernel_calls_;
+    if (bias.defined()) y.add_(bias);
+    return f32_out ? y : y.to(opt_.dtype);
   }
   const bool bf16 = p.f == cpu_gemv::wformat::bf16;
   const torch::Tensor xin = x.to(bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous();
@@ -451,67 +464,70 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
       int64_t cell0 = -1;
       torch::Tensor mask;        // [S, R, L] additive float32 or undefined
     };
+    // Built only where ATen attends (the CPU decode path attends per row).
     std::vector<group> groups;
-    group decode;
-    for (size_t g = 0; g < seq_rows.size(); ++g) {
-      if (seq_rows[g].size() == 1) {
-        decode.seqs.push_back(g);
-      } else {
-        group G;
-        G.seqs.push_back(g);
-        groups.push_back(std::move(G));
-      }
-    }
-    if (!decode.seqs.empty()) groups.push_back(std::move(decode));
-    for (group& G : groups) {
-      const int64_t S = int64_t(G.seqs.size());
-      G.R = int64_t(seq_rows[G.seqs[0]].size());
-      for (size_t g : G.seqs) G.L = std::max(G.L, int64_t(seq_cells[g].size()));
-      // rows
-      std::vector<int64_t> rows;
-      for (size_t g : G.seqs) rows.insert(rows.end(), seq_rows[g].begin(), seq_rows[g].end());
-      bool contiguous_rows = true;
-      for (size_t i = 1; i < rows.size(); ++i) contiguous_rows &= rows[i] == rows[i - 1] + 1;
-      if (contiguous_rows)
-        G.row0 = rows[0];
-      else
-        G.rows = torch::tensor(rows, long_opts).to(dev);
-      // keys
-      const auto& c0 = seq_cells[G.seqs[0]];
-      if (S == 1 && c0.back() - c0.front() + 1 == G.L) {
-        G.cell0 = c0.front();
-      } else {
-        std::vector<int64_t> idx;
-        idx.reserve(size_t(S * G.L));
-        for (size_t g : G.seqs) {
-          const auto& sc = seq_cells[g];
-          idx.insert(idx.end(), sc.begin(), sc.end());
-          idx.insert(idx.end(), size_t(G.L) - sc.size(), sc.front());  // padding, masked below
+    auto build_groups = [&] {
+      group decode;
+      for (size_t g = 0; g < seq_rows.size(); ++g) {
+        if (seq_rows[g].size() == 1) {
+          decode.seqs.push_back(g);
+        } else {
+          group G;
+          G.seqs.push_back(g);
+          groups.push_back(std::move(G));
         }
-        G.key_idx = torch::tensor(idx, long_opts).to(dev);
       }
-      // mask
-      torch::Tensor m = torch::zeros({S, G.R, G.L}, torch::kFloat32);
-      float* mp = m.data_ptr<float>();
-      bool any = false;
-      const float ninf = -std::numeric_limits<float>::infinity();
-      for (int64_t si = 0; si < S; ++si) {
-        const auto& sc = seq_cells[G.seqs[size_t(si)]];
-        const auto& sr = seq_rows[G.seqs[size_t(si)]];
-        for (int64_t r = 0; r < G.R; ++r) {
-          const int64_t p = b.pos[size_t(sr[size_t(r)])];
-          float* row = mp + (si * G.R + r) * G.L;
-          for (int64_t j = 0; j < G.L; ++j) {
-            const bool ok = j < int64_t(sc.size()) && cp[size_t(sc[size_t(j)])] <= p;
-            if (!ok) {
-              row[j] = ninf;
-              any = true;
+      if (!decode.seqs.empty()) groups.push_back(std::move(decode));
+      for (group& G : groups) {
+        const int64_t S = int64_t(G.seqs.size());
+        G.R = int64_t(seq_rows[G.seqs[0]].size());
+        for (size_t g : G.seqs) G.L = std::max(G.L, int64_t(seq_cells[g].size()));
+        // rows
+        std::vector<int64_t> rows;
+        for (size_t g : G.seqs) rows.insert(rows.end(), seq_rows[g].begin(), seq_rows[g].end());
+        bool contiguous_rows = true;
+        for (size_t i = 1; i < rows.size(); ++i) contiguous_rows &= rows[i] == rows[i - 1] + 1;
+        if (contiguous_rows)
+          G.row0 = rows[0];
+        else
+          G.rows = torch::tensor(rows, long_opts).to(dev);
+        // keys
+        const auto& c0 = seq_cells[G.seqs[0]];
+        if (S == 1 && c0.back() - c0.front() + 1 == G.L) {
+          G.cell0 = c0.front();
+        } else {
+          std::vector<int64_t> idx;
+          idx.reserve(size_t(S * G.L));
+          for (size_t g : G.seqs) {
+            const auto& sc = seq_cells[g];
+            idx.insert(idx.end(), sc.begin(), sc.end());
+            idx.insert(idx.end(), size_t(G.L) - sc.size(), sc.front());  // padding, masked below
+          }
+          G.key_idx = torch::tensor(idx, long_opts).to(dev);
+        }
+        // mask
+        torch::Tensor m = torch::zeros({S, G.R, G.L}, torch::kFloat32);
+        float* mp = m.data_ptr<float>();
+        bool any = false;
+        const float ninf = -std::numeric_limits<float>::infinity();
+        for (int64_t si = 0; si < S; ++si) {
+          const auto& sc = seq_cells[G.seqs[size_t(si)]];
+          const auto& sr = seq_rows[G.seqs[size_t(si)]];
+          for (int64_t r = 0; r < G.R; ++r) {
+            const int64_t p = b.pos[size_t(sr[size_t(r)])];
+            float* row = mp + (si * G.R + r) * G.L;
+            for (int64_t j = 0; j < G.L; ++j) {
+              const bool ok = j < int64_t(sc.size()) && cp[size_t(sc[size_t(j)])] <= p;
+              if (!ok) {
+                row[j] = ninf;
+                any = true;
+              }
             }
           }
         }
+        if (any) G.mask = m.to(dev);
       }
-      if (any) G.mask = m.to(dev);
-    }
+    };
 
     // ---- inputs [N, d_model] float32
     torch::Tensor x;
@@ -568,7 +584,9 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
     };
 
     if (cpu_decode_ready_ && N <= opt_.cpu_decode_max_rows) {
-      // CPU decode path: the matrix-vector products on the kernels; between
+      // CPU decode path (steps of <= cpu_decode_max_rows rows): the matrix
+      // products on the kernels (gemm_bf16 for bf16 models from
+      // cpu_decode_bf16_rows rows, else gemv); between
       // them the activations stay float32 rows updated in place (RMSNorm, RoPE,
       // SwiGLU, residuals as plain loops); only the KV cache and the attention
       // matmuls use the model dtype.
@@ -594,10 +612,12 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
         for (int64_t c : seq_cells[group_of_seq.at(b.seq[n])])
           if (cp[size_t(c)] <= b.pos[n]) row_cells[n].push_back(c);
       const int64_t rep = H / Hkv;
+      // Many rows of a bf16 model: bf16 activations (cpu_decode_bf16_rows).
+      const bool wide = opt_.dtype == torch::kBFloat16 && N >= opt_.cpu_decode_bf16_rows && cpu_gemv::bf16_supported();
       for (int64_t l = 0; l < hp_.n_layer; ++l) {
         const layer& L = layers_[size_t(l)];
         rms_rows(xp, hbp, N, D, L.attn_norm_f32.data_ptr<float>(), hp_.rms_eps);
-        torch::Tensor qkv = proj(hbuf, L.wqkv, L.p_qkv, L.bqkv, true, true);  // [N, W] float32
+        torch::Tensor qkv = proj(hbuf, L.wqkv, L.p_qkv, L.bqkv, true, true, wide);  // [N, W] float32
         float* qp = qkv.data_ptr<float>();
         torch::Tensor& K = cache.k(l);
         torch::Tensor& V = cache.v(l);
@@ -632,20 +652,21 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
             }
           });
         } else {
+          if (groups.empty()) build_groups();
           attn = attend_groups(qkv.narrow(1, 0, Q).to(opt_.dtype).view({N, H, hd}), K, V);
         }
-        torch::Tensor o = proj(attn, L.wo, L.p_o, {}, true, true);
+        torch::Tensor o = proj(attn, L.wo, L.p_o, {}, true, true, wide);
         const float* op = o.data_ptr<float>();
         for (int64_t i = 0; i < N * D; ++i) xp[i] += op[i];
         rms_rows(xp, hbp, N, D, L.ffn_norm_f32.data_ptr<float>(), hp_.rms_eps);
-        torch::Tensor gu = proj(hbuf, L.w_gate_up, L.p_gate_up, {}, true, true);  // [N, 2F]
+        torch::Tensor gu = proj(hbuf, L.w_gate_up, L.p_gate_up, {}, true, true, wide);  // [N, 2F]
         const float* gp = gu.data_ptr<float>();
         for (int64_t n = 0; n < N; ++n)
           for (int64_t i = 0; i < F; ++i) {
             const float g = gp[n * 2 * F + i];
             abp[n * F + i] = g / (1.0f + std::exp(-g)) * gp[n * 2 * F + F + i];
           }
-        torch::Tensor dn = proj(abuf, L.w_down, L.p_down, {}, true, true);
+        torch::Tensor dn = proj(abuf, L.w_down, L.p_down, {}, true, true, wide);
         const float* dp = dn.data_ptr<float>();
         for (int64_t i = 0; i < N * D; ++i) xp[i] += dp[i];
       }
@@ -654,9 +675,10 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
       const int64_t nw = int64_t(wanted.size());
       for (int64_t i = 0; i < nw; ++i)
         rms_rows(xp + wanted[size_t(i)] * D, hbp + i * D, 1, D, out_norm_f32_.data_ptr<float>(), hp_.rms_eps);
-      return proj(hbuf.narrow(0, 0, nw), output_, p_output_, {}, true, true);
+      return proj(hbuf.narrow(0, 0, nw), output_, p_output_, {}, true, true, wide);
     }
 
+    build_groups();
     auto [cos, sin] = rope_tables(torch::tensor(b.pos, long_opts).to(dev));
     bool contiguous_cells = true;
     for (size_t i = 1; i < cells.size(); ++i) contiguous_cells &= cells[i] == cells[i - 1] + 1;

@@ -57,12 +57,23 @@ struct llama_options {
   torch::Dtype dtype = torch::kFloat32;  ///< weights, activations and KV cache: fp32, bf16 or fp16
   /// CPU decode kernels (models/nn/cpu_gemv.hpp, config llm.cpu_decode): when
   /// true, on a CPU with AVX-512, steps of at most cpu_decode_max_rows rows run
-  /// their matrix-vector products on the kernels: q4_1/q8_0 GGUF matrices from
-  /// their raw blocks (kept besides the dequantized copy: ~100 MB for
-  /// SmolLM2-135M), other matrices of a bf16 model on the bf16 kernel, and
-  /// attention on cpu_attention.hpp, activations in float32. false: ATen only.
+  /// their matrix products on the kernels: q4_1/q8_0 GGUF matrices from their
+  /// raw blocks (kept besides the dequantized copy: ~100 MB for SmolLM2-135M),
+  /// other matrices of a bf16 model on the bf16 kernels, and attention per
+  /// row on cpu_attention.hpp; activations float32 between the products.
+  /// false: ATen only.
   bool cpu_decode = true;
-  int64_t cpu_decode_max_rows = 4;  ///< rows of a step up to which the kernels run
+  /// Rows of a step up to which the kernels run (measured, bench_llm
+  /// --max-rows: they beat ATen up to 32-row steps, bf16 and fp32, on a
+  /// 2-core AVX-512/AMX VM; ATen's oneDNN/AMX GEMMs win at 64 rows).
+  int64_t cpu_decode_max_rows = 32;
+  /// A bf16 model's steps of at least this many rows (and at most
+  /// cpu_decode_max_rows) feed the products bf16 activations and bf16-rounded
+  /// weights (cpu_gemv::gemm_bf16, AMX where it runs: the operands of ATen's
+  /// bf16 path); smaller steps use float32 activations and the exact block
+  /// values (cpu_gemv::gemv, faster at 1-4 rows where dequantizing in
+  /// registers is the cost). fp32 models always use the latter.
+  int64_t cpu_decode_bf16_rows = 5;
 };
 
 class llama_model {
@@ -154,8 +165,9 @@ class llama_model {
   torch::Tensor ffn(const layer& L, const torch::Tensor& x) const;
   /// x [N, in] @ W^T (+ bias): on the decode kernels when `fast` and `p` has
   /// a format, else ATen. Returns float32 if `f32_out`, else the model dtype.
+  /// With `wide` (and `fast`), on cpu_gemv::gemm_bf16: x rounded to bf16 once.
   torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p, const torch::Tensor& bias,
-                     bool fast, bool f32_out) const;
+                     bool fast, bool f32_out, bool wide = false) const;
   /// Builds the kernels' view of the weights from the checkpoint (blocks) or
   /// the bf16 weights; leaves every format none when the kernels cannot run.
   void pack_for_cpu_decode(const llm_checkpoint& ck);
