@@ -131,7 +131,8 @@ BOOST_AUTO_TEST_CASE(kill_9_mid_answer_loses_at_most_the_turn_in_progress) {
                       "--set", "sampling.max_tokens=12",
                       "--set", "server.max_frames_per_second=100000",
                       "--set", "store.dir=" + store.str(),
-                      "--bind", "tcp://127.0.0.1:*"});
+                      "--bind", "tcp://127.0.0.1:*",
+                      "--control-bind", ""});  // not used here; a fixed port could be taken
   BOOST_REQUIRE_MESSAGE(srv.wait_ready(300s), "undertone serve did not start; its stdout: " << srv.output);
   BOOST_TEST_MESSAGE("server on " << srv.endpoint);
 
