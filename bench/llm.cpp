@@ -14,6 +14,9 @@
 // kernels), so `--batch 5 8 16 32 64 --max-rows 256 --cpu-decode both` shows
 // where the kernels stop beating ATen for decode steps (B rows) and
 // `--prompt-tokens 128` for prefill steps (P rows, prefill_ms_per_step).
+// --step-rows R makes each decode step B sequences x R rows (after the
+// P-token prompts), e.g. `--batch 16 --step-rows 11 --prompt-tokens 64` for
+// the server's 16-session end-of-turn step of 176 rows.
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -55,13 +58,19 @@ int main(int argc, char** argv) {
   const llama_options dflt;
   int64_t max_rows = dflt.cpu_decode_max_rows, bf16_rows = dflt.cpu_decode_bf16_rows;
   std::vector<int> batches{1, 4, 16, 64};
-  int prompt_tokens = 64, decode_tokens = 32, threads = 2, repeats = 3;
+  bool amx_prepack = true;
+  int prompt_tokens = 64, decode_tokens = 32, threads = 2, repeats = 3, step_rows = 1;
   app.add_option("--model", model, "GGUF file or HF directory")->capture_default_str();
   app.add_option("--dtype", dtype, "fp32, bf16 or fp16")->capture_default_str();
   app.add_option("--device", device, "cpu or cuda:N")->capture_default_str();
   app.add_option("--batch", batches, "batch sizes")->capture_default_str();
   app.add_option("--prompt-tokens", prompt_tokens)->capture_default_str();
-  app.add_option("--decode-tokens", decode_tokens)->capture_default_str();
+  app.add_option("--decode-tokens", decode_tokens, "decode steps per batch size")->capture_default_str();
+  app.add_option("--step-rows", step_rows,
+                 "rows per sequence in each decode step (R > 1: B sequences x R new rows on top of the prompt, "
+                 "logits for each sequence's last row, like the server's end-of-turn step; steps of B*R rows)")
+      ->check(CLI::Range(1, 4096))
+      ->capture_default_str();
   app.add_option("--threads", threads, "compute threads")->capture_default_str();
   app.add_option("--repeats", repeats)->capture_default_str();
   app.add_option("--cpu-decode", cpu_decode,
@@ -69,12 +78,20 @@ int main(int argc, char** argv) {
                  "with fp32 activations at every step size); one row per mode and batch, modes interleaved")
       ->check(CLI::IsMember({"auto", "off", "both", "f32act"}))
       ->capture_default_str();
-  app.add_option("--max-rows", max_rows, "largest step (rows) on the CPU decode kernels (llama_options::cpu_decode_max_rows)")
+  int64_t amx_max_rows = dflt.cpu_decode_amx_max_rows;
+  auto* mr = app.add_option("--max-rows", max_rows,
+                            "largest step (rows) on the CPU decode kernels (llama_options::cpu_decode_max_rows; when "
+                            "given, also cpu_decode_amx_max_rows)")
+                 ->capture_default_str();
+  app.add_option("--amx-max-rows", amx_max_rows,
+                 "largest step on pre-packed AMX tiles (bf16 models; llama_options::cpu_decode_amx_max_rows)")
       ->capture_default_str();
+  app.add_flag("!--no-amx-prepack", amx_prepack, "bf16 models: no pre-packed AMX tiles (gemm_bf16 per call)");
   app.add_option("--bf16-rows", bf16_rows,
                  "bf16 models: steps of at least this many rows use bf16 activations (llama_options::cpu_decode_bf16_rows)")
       ->capture_default_str();
   CLI11_PARSE(app, argc, argv);
+  if (mr->count() > 0 && app.get_option("--amx-max-rows")->count() == 0) amx_max_rows = max_rows;
 
   set_compute_threads(threads);
   std::vector<std::string> modes;
@@ -98,6 +115,8 @@ int main(int argc, char** argv) {
     opt.dtype = dtype == "bf16" ? torch::kBFloat16 : dtype == "fp16" ? torch::kFloat16 : torch::kFloat32;
     opt.cpu_decode = mode != "off";
     opt.cpu_decode_max_rows = max_rows;
+    opt.cpu_decode_amx_max_rows = amx_max_rows;
+    opt.cpu_decode_amx_prepack = amx_prepack;
     opt.cpu_decode_bf16_rows = mode == "f32act" ? std::numeric_limits<int64_t>::max() : bf16_rows;
     auto t0 = clk::now();
     auto m = llama_model::load(model, opt);
@@ -116,7 +135,7 @@ int main(int argc, char** argv) {
       for (size_t mi = 0; mi < ms.size(); ++mi) {
         const auto& m = ms[mi].m;
         std::uniform_int_distribution<int64_t> tok(100, m->n_vocab() - 100);
-        auto cache = m->make_cache(int64_t(B) * (prompt_tokens + decode_tokens + 8));
+        auto cache = m->make_cache(int64_t(B) * (prompt_tokens + int64_t(decode_tokens) * step_rows + 8));
         std::vector<int64_t> last(static_cast<size_t>(B));
         auto a = clk::now();
         for (int s = 0; s < B; ++s) {
@@ -129,7 +148,9 @@ int main(int argc, char** argv) {
         auto c = clk::now();
         for (int step = 0; step < decode_tokens; ++step) {
           llm_batch b;
-          for (int s = 0; s < B; ++s) b.add_token(last[size_t(s)], s, prompt_tokens + step, true);
+          for (int s = 0; s < B; ++s)
+            for (int r = 0; r < step_rows; ++r)  // the same token R times: the cost does not depend on it
+              b.add_token(last[size_t(s)], s, prompt_tokens + int64_t(step) * step_rows + r, r + 1 == step_rows);
           auto next = m->step(b, cache).argmax(-1).to(torch::kCPU);
           for (int s = 0; s < B; ++s) last[size_t(s)] = next[s].item<int64_t>();
         }
@@ -142,8 +163,9 @@ int main(int argc, char** argv) {
       double p = median(prefill_s[mi]), dd = median(decode_s[mi]);
       nlohmann::json j{{"engine", "undertone"}, {"dtype", dtype}, {"cpu_decode", ms[mi].mode}, {"batch", B},
                        {"threads", threads}, {"prompt_tokens", prompt_tokens}, {"decode_tokens", decode_tokens},
+                       {"step_rows", step_rows},
                        {"prefill_tok_s", std::round(10 * B * prompt_tokens / p) / 10},
-                       {"decode_tok_s", std::round(10 * B * decode_tokens / dd) / 10},
+                       {"decode_tok_s", std::round(10 * B * decode_tokens * step_rows / dd) / 10},
                        {"decode_ms_per_step", std::round(100 * 1000 * dd / decode_tokens) / 100},
                        {"prefill_ms_per_step", std::round(100 * 1000 * p / B) / 100},
                        {"peak_rss_mb", std::round(peak_rss_mb())}, {"load_s", std::round(100 * ms[mi].load_s) / 100}};

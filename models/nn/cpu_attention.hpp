@@ -19,4 +19,11 @@ bool supported(int64_t head_dim);
 void attend_one(const float* q, const void* k, const void* v, bool bf16, int64_t hd, const int64_t* cells,
                 int64_t n, float* scratch, float* out);
 
+/// attend_one for the nq query heads q [nq, hd] (contiguous) that share one
+/// KV head (grouped-query attention): out [nq, hd]. Reads each key and value
+/// once for all nq heads (head_dim 64 and 128; other sizes run attend_one
+/// per head). `scratch`: nq * n floats.
+void attend_heads(const float* q, int64_t nq, const void* k, const void* v, bool bf16, int64_t hd,
+                  const int64_t* cells, int64_t n, float* scratch, float* out);
+
 }  // namespace undertone::models::cpu_attention

@@ -11,10 +11,12 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "models/nn/cpu_features.hpp"
+#include "models/nn/cpu_simd.hpp"
 
 // Each kernel is compiled for AVX-512 through a function attribute (not a
 // file-wide -mavx512f), so the rest of the binary stays baseline x86-64 and the
@@ -447,6 +449,159 @@ UT_AMX void amx_gemm(const uint8_t* w, int64_t in, const uint16_t* x, int64_t ro
   _tile_release();
 }
 
+// ---- AMX on pre-packed weights: tiles 0-3 accumulate C[row chunk a][weight
+// tile b] (tile 2a + b), 4-5 hold two chunks of 16 input rows (A, row-major
+// as they are), 6-7 two tiles of 16 outputs (B, packed at load). Per block of
+// 32 inputs: 4 tile loads, 4 TDPBF16PS. Weights outer: a thread's pair of
+// weight tiles is read from memory once and reused (from L1/L2) for every
+// pair of row chunks; the rows of the step (<= 256 x 4 KiB) stay in L2.
+
+// Copies the valid part of a 16 x 16 C tile (rows from r0, outputs from o) to y.
+inline void copy_part(const float* tmp, float* y, int64_t ldy, int64_t r0, int64_t o, int64_t rows, int64_t o1) {
+  const int64_t nr = std::min<int64_t>(16, rows - r0), mo = std::min<int64_t>(16, o1 - o);
+  for (int64_t n = 0; n < nr; ++n) std::memcpy(y + (r0 + n) * ldy + o, tmp + n * 16, size_t(mo) * 4);
+}
+// Writes C tile T to y: straight when whole, else through tmp (GCC's tile
+// intrinsics take the tile number as a literal, hence a macro).
+#define UT_STORE_C(T, R0, O)                                   \
+  do {                                                         \
+    if ((R0) + 16 <= rows && (O) + 16 <= o1) {                 \
+      _tile_stored(T, y + (R0) * ldy + (O), long(ldy * 4));    \
+    } else {                                                   \
+      _tile_stored(T, tmp, 64);                                \
+      copy_part(tmp, y, ldy, R0, O, rows, o1);                 \
+    }                                                          \
+  } while (0)
+
+UT_AMX void amx_packed_kernel(const uint16_t* wp, int64_t in, const uint16_t* xb, int64_t rows, float* y, int64_t ldy,
+                              int64_t o0, int64_t o1) {
+  const int64_t K = amx_k(in), nb = K / 32, chunks = (rows + 15) / 16;
+  const long xs = long(K * 2);
+  tile_config cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  alignas(64) float tmp[256];
+  for (int64_t o = o0; o < o1; o += 32) {
+    const bool two_w = o + 16 < o1;
+    const uint16_t* w0 = wp + (o / 16) * nb * 512;
+    const uint16_t* w1 = w0 + nb * 512;
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const bool two_r = c + 1 < chunks;
+      const uint16_t* x0 = xb + c * 16 * K;
+      const uint16_t* x1 = x0 + 16 * K;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      if (two_w && two_r) {
+        for (int64_t j = 0; j < nb; ++j) {
+          _tile_loadd(4, x0 + j * 32, xs);
+          _tile_loadd(6, w0 + j * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, w1 + j * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(5, x1 + j * 32, xs);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      } else if (two_w) {
+        for (int64_t j = 0; j < nb; ++j) {
+          _tile_loadd(4, x0 + j * 32, xs);
+          _tile_loadd(6, w0 + j * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, w1 + j * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+      } else if (two_r) {
+        for (int64_t j = 0; j < nb; ++j) {
+          _tile_loadd(4, x0 + j * 32, xs);
+          _tile_loadd(6, w0 + j * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(5, x1 + j * 32, xs);
+          _tile_dpbf16ps(2, 5, 6);
+        }
+      } else {
+        for (int64_t j = 0; j < nb; ++j) {
+          _tile_loadd(4, x0 + j * 32, xs);
+          _tile_loadd(6, w0 + j * 512, 64);
+          _tile_dpbf16ps(0, 4, 6);
+        }
+      }
+      const int64_t r0 = c * 16;
+      UT_STORE_C(0, r0, o);
+      if (two_w) UT_STORE_C(1, r0, o + 16);
+      if (two_r) UT_STORE_C(2, r0 + 16, o);
+      if (two_w && two_r) UT_STORE_C(3, r0 + 16, o + 16);
+    }
+  }
+  _tile_release();
+}
+#undef UT_STORE_C
+
+UT_AVX512_BF16 void to_bf16_kernel(const float* x, int64_t in, uint16_t* dst, int64_t ldd, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * in;
+    uint16_t* dr = dst + r * ldd;
+    int64_t i = 0;
+    for (; i + 16 <= in; i += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dr + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + i)));
+    if (i < in) {
+      const __mmask16 m = __mmask16((1u << (in - i)) - 1);
+      _mm256_mask_storeu_epi16(dr + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, xr + i)));
+    }
+    for (i = in; i < ldd; ++i) dr[i] = 0;
+  }
+}
+
+UT_AVX512 void silu_mul_kernel(const float* g, const float* u, float* out, int64_t n) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+    const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, simd::exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
+  }
+}
+
+UT_AVX512 void exp_kernel(const float* x, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(out + i, m, simd::exp16(_mm512_maskz_loadu_ps(m, x + i)));
+  }
+}
+
+UT_AVX512 void residual_rms_kernel(float* x, const float* d, float* y, int64_t n, const float* w, double eps,
+                                   int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float* xr = x + r * n;
+    float* yr = y + r * n;
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      __m512 v = _mm512_maskz_loadu_ps(m, xr + i);
+      if (d) {
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, d + r * n + i));
+        _mm512_mask_storeu_ps(xr + i, m, v);
+      }
+      const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(v));
+      const __m512d hi = _mm512_cvtps_pd(_mm512_castps512_ps256(_mm512_shuffle_f32x4(v, v, _MM_SHUFFLE(3, 2, 3, 2))));
+      a0 = _mm512_fmadd_pd(lo, lo, a0);
+      a1 = _mm512_fmadd_pd(hi, hi, a1);
+    }
+    const double ss = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+    const __m512 s = _mm512_set1_ps(float(1.0 / std::sqrt(ss / double(n) + eps)));
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(yr + i, m,
+                            _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), s),
+                                          _mm512_maskz_loadu_ps(m, w + i)));
+    }
+  }
+}
+
 bool g_use_bf16_dp = true;
 bool g_use_amx = true;
 
@@ -532,6 +687,42 @@ void gemm_bf16(wformat f, const void* w, int64_t in, const uint16_t* xb, int64_t
     case wformat::none: return;
   }
 }
+
+int64_t amx_packed_size(int64_t out, int64_t in) { return (out + 15) / 16 * 16 * amx_k(in); }
+
+void amx_pack_weights(const uint16_t* w, int64_t out, int64_t in, uint16_t* dst) {
+  const int64_t nb = amx_k(in) / 32;
+  std::memset(dst, 0, size_t(amx_packed_size(out, in)) * 2);
+  for (int64_t o = 0; o < out; ++o) {
+    const uint16_t* wr = w + o * in;
+    uint16_t* dt = dst + (o / 16) * nb * 512 + (o % 16) * 2;
+    if (in % 2 == 0) {
+      for (int64_t i = 0; i < in; i += 2) std::memcpy(dt + (i / 32) * 512 + ((i % 32) / 2) * 32, wr + i, 4);
+    } else {
+      for (int64_t i = 0; i < in; ++i) dt[(i / 32) * 512 + ((i % 32) / 2) * 32 + i % 2] = wr[i];
+    }
+  }
+}
+
+void amx_gemm_packed(const uint16_t* wp, int64_t out, int64_t in, const uint16_t* xb, int64_t rows, float* y,
+                     int64_t ldy, int64_t o0, int64_t o1) {
+  o1 = std::min(o1, out);
+  if (rows <= 0 || o1 <= o0) return;
+  amx_packed_kernel(wp, in, xb, rows, y, ldy, o0, o1);
+}
+
+void to_bf16_rows(const float* x, int64_t in, uint16_t* dst, int64_t ldd, int64_t r0, int64_t r1) {
+  to_bf16_kernel(x, in, dst, ldd, r0, r1);
+}
+
+void residual_rms_rows(float* x, const float* d, float* y, int64_t n, const float* w, double eps, int64_t r0,
+                       int64_t r1) {
+  residual_rms_kernel(x, d, y, n, w, eps, r0, r1);
+}
+
+void silu_mul(const float* g, const float* u, float* out, int64_t n) { silu_mul_kernel(g, u, out, n); }
+
+void exp_approx(const float* x, float* out, int64_t n) { exp_kernel(x, out, n); }
 
 void gemv(wformat f, const void* w, int64_t in, const float* x, const uint16_t* xb, int64_t rows, float* y,
           int64_t ldy, int64_t o0, int64_t o1) {

@@ -69,6 +69,48 @@ bool amx_supported();
 /// For tests: false makes gemm_bf16 use AVX512-BF16 even where AMX runs.
 void use_amx(bool on);
 
+/// ---- AMX on pre-packed bf16 weights (bf16 models, steps of many rows).
+/// The weight matrix W [out, in] is packed ONCE (at model load) into the
+/// layout TDPBF16PS reads as its B operand: per tile of 16 outputs and block
+/// of 32 inputs, 16 lines (input pairs) x 16 outputs x 2 values (1 KiB), out
+/// padded to 16 and in to 32 with zeros. A step then only loads tiles and
+/// multiplies: the activations, bf16 row-major, are the A operand as they are.
+
+/// Input length of packed rows / weights: `in` rounded up to 32.
+inline int64_t amx_k(int64_t in) { return (in + 31) / 32 * 32; }
+/// uint16 elements of W [out, in] packed by amx_pack_weights.
+int64_t amx_packed_size(int64_t out, int64_t in);
+/// Packs bf16 W [out, in] (row-major, row stride `in`) into dst
+/// (amx_packed_size(out, in) elements).
+void amx_pack_weights(const uint16_t* w, int64_t out, int64_t in, uint16_t* dst);
+/// y[r * ldy + o] = sum_i xb[r * amx_k(in) + i] * W[o, i] for r < rows and o in
+/// [o0, o1), from W packed by amx_pack_weights (`out` rows). xb: bf16 rows
+/// with row stride amx_k(in), zero from `in` on, and allocated for `rows`
+/// rounded up to 16 (the padding rows' values are read but their results
+/// dropped). o0 must be a multiple of 16. Products summed in fp32 in the same
+/// order as gemm_bf16 on AMX (bit for bit the same results for the same bf16
+/// weights); a row's result does not depend on the other rows. Call only
+/// when amx_supported().
+void amx_gemm_packed(const uint16_t* wp, int64_t out, int64_t in, const uint16_t* xb, int64_t rows, float* y,
+                     int64_t ldy, int64_t o0, int64_t o1);
+/// dst[r * ldd + i] = bf16(x[r * in + i]) (round to nearest even, as torch's
+/// cast) for i < in, 0 for in <= i < ldd; rows [r0, r1). AVX512-BF16.
+void to_bf16_rows(const float* x, int64_t in, uint16_t* dst, int64_t ldd, int64_t r0, int64_t r1);
+
+/// ---- float32 row helpers of the CPU decode path (AVX-512; call only when
+/// supported(wformat::q4_1)).
+
+/// For rows [r0, r1) of n values: x += d (if d is not null), then
+/// y = x / sqrt(mean(x^2) + eps) * w (sum of squares in double).
+void residual_rms_rows(float* x, const float* d, float* y, int64_t n, const float* w, double eps, int64_t r0,
+                       int64_t r1);
+/// out[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u for i < n. exp is a
+/// polynomial after range reduction (Cephes expf: relative error ~1e-7 over
+/// the float range; measured 8e-8 for exp in tests/test_cpu_decode.cpp).
+void silu_mul(const float* g, const float* u, float* out, int64_t n);
+/// out[i] = exp(x[i]) for i < n (the approximation silu_mul uses; for tests).
+void exp_approx(const float* x, float* out, int64_t n);
+
 /// For tests: false makes the bf16 kernel use the AVX512F path even where
 /// AVX512-BF16 exists, and bf16_supported() false (default true). Not thread-safe; set before decoding.
 void use_avx512_bf16(bool on);

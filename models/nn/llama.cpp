@@ -6,7 +6,10 @@
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
 
+#include <algorithm>
 #include <cmath>
+#include <functional>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <set>
@@ -110,16 +113,6 @@ torch::Tensor attend(const torch::Tensor& q, const torch::Tensor& k, const torch
 
 // ---- float32 row helpers of the CPU decode path (a few rows of d_model or
 // d_ff values: plain loops beat a dozen small ATen ops and their allocations).
-
-// y[r] = x[r] / rms(x[r]) * w for `rows` rows of n values.
-void rms_rows(const float* x, float* y, int64_t rows, int64_t n, const float* w, double eps) {
-  for (int64_t r = 0; r < rows; ++r, x += n, y += n) {
-    double ss = 0;
-    for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
-    const float s = float(1.0 / std::sqrt(ss / double(n) + eps));
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * s * w[i];
-  }
-}
 
 // Rotate-half RoPE in place on `heads` heads of hd values, then * scale.
 void rope_row(float* p, int64_t heads, int64_t hd, const float* cos, const float* sin, float scale) {
@@ -245,6 +238,15 @@ void llama_model::pack_for_cpu_decode(const llm_checkpoint& ck) {
       p.f = wformat::bf16;
       p.data = fused;
     }
+    if (p.f != wformat::none && bf16 && opt_.cpu_decode_amx_prepack && cpu_gemv::amx_supported() &&
+        fused.scalar_type() == torch::kBFloat16) {
+      // The loader's bf16 weight: the values gemm_bf16 makes from the blocks.
+      const torch::Tensor wc = fused.contiguous();
+      p.amx = torch::empty({cpu_gemv::amx_packed_size(p.out, p.in)}, torch::kBFloat16);
+      cpu_gemv::amx_pack_weights(reinterpret_cast<const uint16_t*>(wc.data_ptr()), p.out, p.in,
+                                 reinterpret_cast<uint16_t*>(p.amx.data_ptr()));
+      amx_packed_ = true;
+    }
     cpu_decode_ready_ |= p.f != wformat::none;
     return p;
   };
@@ -266,6 +268,10 @@ void llama_model::pack_for_cpu_decode(const llm_checkpoint& ck) {
   out_norm_f32_ = out_norm_.to(torch::kFloat32).contiguous();
 }
 
+int64_t llama_model::cpu_decode_rows() const {
+  return amx_packed_ && cpu_gemv::amx_supported() ? opt_.cpu_decode_amx_max_rows : opt_.cpu_decode_max_rows;
+}
+
 std::string llama_model::cpu_decode_info() const {
   if (!cpu_decode_ready_) return "off";
   std::map<std::string, int> n;
@@ -282,20 +288,43 @@ std::string llama_model::cpu_decode_info() const {
   count(p_output_);
   std::string r;
   for (const auto& [k, v] : n) r += (r.empty() ? "" : ", ") + k + " x" + std::to_string(v);
-  return r + " (" + cpu_gemv::isa() + ", up to " + std::to_string(opt_.cpu_decode_max_rows) + " rows)";
+  return r + " (" + cpu_gemv::isa() + (amx_packed_ ? ", pre-packed AMX tiles" : "") + ", up to " +
+         std::to_string(cpu_decode_rows()) + " rows)";
 }
 
 torch::Tensor llama_model::proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p,
-                                const torch::Tensor& bias, bool fast, bool f32_out, bool wide) const {
+                                const torch::Tensor& bias, bool fast, bool f32_out, bool wide,
+                                const torch::Tensor& out_buf, const torch::Tensor& xws) const {
   if (!fast || p.f == cpu_gemv::wformat::none) {
     const torch::Tensor xw = x.to(w.scalar_type());  // the decode path's float32 rows on a bf16 weight
     torch::Tensor y = bias.defined() ? lin(xw, w, bias) : lin(xw, w);
     return f32_out ? y.to(torch::kFloat32) : y;
   }
+  if (wide && p.amx.defined() && cpu_gemv::amx_supported()) {
+    // Rows rounded to bf16 straight into the A-tile layout (row stride
+    // amx_k(in), rows padded to 16), then tile loads and TDPBF16PS only.
+    const torch::Tensor xf = x.to(torch::kFloat32).contiguous();
+    const int64_t rows = xf.size(0), in = p.in, out = p.out, K = cpu_gemv::amx_k(in);
+    const int64_t rp = (rows + 15) / 16 * 16;
+    torch::Tensor xin = xws.defined() && xws.numel() >= rp * K ? xws : torch::empty({rp, K}, torch::kBFloat16);
+    auto* xb = reinterpret_cast<uint16_t*>(xin.data_ptr());
+    const float* xp = xf.data_ptr<float>();
+    cpu_gemv::to_bf16_rows(xp, in, xb, K, 0, rows);
+    if (rp > rows) std::memset(xb + rows * K, 0, size_t((rp - rows) * K) * 2);
+    torch::Tensor y = out_buf.defined() ? out_buf.narrow(0, 0, rows) : torch::empty({rows, out}, torch::kFloat32);
+    const auto* wp = reinterpret_cast<const uint16_t*>(p.amx.data_ptr());
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, (out + 15) / 16, 1, [&](int64_t a, int64_t e) {
+      cpu_gemv::amx_gemm_packed(wp, out, in, xb, rows, yp, out, a * 16, e * 16);
+    });
+    ++kernel_calls_;
+    if (bias.defined()) y.add_(bias);
+    return f32_out ? y : y.to(opt_.dtype);
+  }
   if (wide) {
     const torch::Tensor xin = x.to(torch::kBFloat16).contiguous();  // once per projection input
     const int64_t rows = xin.size(0), in = p.in, out = p.out;
-    torch::Tensor y = torch::empty({rows, out}, torch::kFloat32);
+    torch::Tensor y = out_buf.defined() ? out_buf.narrow(0, 0, rows) : torch::empty({rows, out}, torch::kFloat32);
     const auto* xb = reinterpret_cast<const uint16_t*>(xin.data_ptr());
     const void* wp = p.data.data_ptr();
     float* yp = y.data_ptr<float>();
@@ -308,7 +337,7 @@ torch::Tensor llama_model::proj(const torch::Tensor& x, const torch::Tensor& w, 
   const bool bf16 = p.f == cpu_gemv::wformat::bf16;
   const torch::Tensor xin = x.to(bf16 ? torch::kBFloat16 : torch::kFloat32).contiguous();
   const int64_t rows = xin.size(0), in = p.in, out = p.out;
-  torch::Tensor y = torch::empty({rows, out}, torch::kFloat32);
+  torch::Tensor y = out_buf.defined() ? out_buf.narrow(0, 0, rows) : torch::empty({rows, out}, torch::kFloat32);
   const float* xf = bf16 ? nullptr : xin.data_ptr<float>();
   const uint16_t* xb = bf16 ? reinterpret_cast<const uint16_t*>(xin.data_ptr()) : nullptr;
   const void* wp = p.data.data_ptr();
@@ -583,7 +612,7 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
       return attn;
     };
 
-    if (cpu_decode_ready_ && N <= opt_.cpu_decode_max_rows) {
+    if (cpu_decode_ready_ && N <= cpu_decode_rows()) {
       // CPU decode path (steps of <= cpu_decode_max_rows rows): the matrix
       // products on the kernels (gemm_bf16 for bf16 models from
       // cpu_decode_bf16_rows rows, else gemv); between
@@ -614,10 +643,27 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
       const int64_t rep = H / Hkv;
       // Many rows of a bf16 model: bf16 activations (cpu_decode_bf16_rows).
       const bool wide = opt_.dtype == torch::kBFloat16 && N >= opt_.cpu_decode_bf16_rows && cpu_gemv::bf16_supported();
+      // Row loops over the rows in parallel where a chunk has enough work
+      // (~16k values: below that waking the other threads costs more).
+      auto par_rows = [&](int64_t per_row, const std::function<void(int64_t, int64_t)>& fn) {
+        at::parallel_for(0, N, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, per_row)), fn);
+      };
+      // Buffers reused by every layer (fresh ones per product would page-fault
+      // their megabytes in again each time).
+      torch::Tensor qkv_buf = torch::empty({N, W}, f32), gu_buf = torch::empty({N, 2 * F}, f32);
+      torch::Tensor res_buf = torch::empty({N, D}, f32);  // attention output projection, then FFN output
+      torch::Tensor attn_buf = own_attn ? torch::empty({N, Q}, f32) : torch::Tensor();
+      const int64_t kmax = std::max({cpu_gemv::amx_k(D), cpu_gemv::amx_k(Q), cpu_gemv::amx_k(F)});
+      torch::Tensor xws = wide ? torch::empty({(N + 15) / 16 * 16 * kmax}, torch::kBFloat16) : torch::Tensor();
+      torch::Tensor dn;  // the previous layer's FFN output, added at the next norm
       for (int64_t l = 0; l < hp_.n_layer; ++l) {
         const layer& L = layers_[size_t(l)];
-        rms_rows(xp, hbp, N, D, L.attn_norm_f32.data_ptr<float>(), hp_.rms_eps);
-        torch::Tensor qkv = proj(hbuf, L.wqkv, L.p_qkv, L.bqkv, true, true, wide);  // [N, W] float32
+        const float* pending = dn.defined() ? dn.data_ptr<float>() : nullptr;
+        const float* anw = L.attn_norm_f32.data_ptr<float>();
+        par_rows(D, [&](int64_t r0, int64_t r1) {
+          cpu_gemv::residual_rms_rows(xp, pending, hbp, D, anw, hp_.rms_eps, r0, r1);
+        });
+        torch::Tensor qkv = proj(hbuf, L.wqkv, L.p_qkv, L.bqkv, true, true, wide, qkv_buf, xws);  // [N, W] float32
         float* qp = qkv.data_ptr<float>();
         torch::Tensor& K = cache.k(l);
         torch::Tensor& V = cache.v(l);
@@ -626,56 +672,61 @@ torch::Tensor llama_model::step(const llm_batch& b, kv_cache& cache) const {
         const int64_t n_cells = K.size(1);
         auto* kp = static_cast<char*>(K.data_ptr());
         auto* vp = static_cast<char*>(V.data_ptr());
-        for (int64_t n = 0; n < N; ++n) {
-          float* row = qp + n * W;
-          rope_row(row, H, hd, cp32 + n * half, sp32 + n * half, float(scale));
-          rope_row(row + Q, Hkv, hd, cp32 + n * half, sp32 + n * half, 1.0f);
-          for (int64_t g = 0; g < Hkv; ++g) {
-            const size_t off = size_t((g * n_cells + cells[size_t(n)]) * hd) * esz;
-            store(kp + off, row + Q + g * hd, hd);
-            store(vp + off, row + Q + KV + g * hd, hd);
+        par_rows(W, [&](int64_t r0, int64_t r1) {
+          for (int64_t n = r0; n < r1; ++n) {
+            float* row = qp + n * W;
+            rope_row(row, H, hd, cp32 + n * half, sp32 + n * half, float(scale));
+            rope_row(row + Q, Hkv, hd, cp32 + n * half, sp32 + n * half, 1.0f);
+            for (int64_t g = 0; g < Hkv; ++g) {
+              const size_t off = size_t((g * n_cells + cells[size_t(n)]) * hd) * esz;
+              store(kp + off, row + Q + g * hd, hd);
+              store(vp + off, row + Q + KV + g * hd, hd);
+            }
           }
-        }
+        });
         torch::Tensor attn;
         if (own_attn) {
-          attn = torch::empty({N, Q}, f32);
+          attn = attn_buf;
           float* atp = attn.data_ptr<float>();
-          at::parallel_for(0, N * H, 1, [&](int64_t t0, int64_t t1) {
+          // Per (row, kv head): its rep query heads h = g * rep + j together.
+          at::parallel_for(0, N * Hkv, 1, [&](int64_t t0, int64_t t1) {
             std::vector<float> scratch;
             for (int64_t t = t0; t < t1; ++t) {
-              const int64_t n = t / H, h = t % H, g = h / rep;  // query head h reads kv head h / rep
+              const int64_t n = t / Hkv, g = t % Hkv;
               const auto& rc = row_cells[size_t(n)];
-              scratch.resize(rc.size());
+              scratch.resize(rc.size() * size_t(rep));
               const size_t kv_off = size_t(g * n_cells * hd) * esz;
-              cpu_attention::attend_one(qp + n * W + h * hd, kp + kv_off, vp + kv_off, kv_bf16, hd, rc.data(),
-                                        int64_t(rc.size()), scratch.data(), atp + n * Q + h * hd);
+              cpu_attention::attend_heads(qp + n * W + g * rep * hd, rep, kp + kv_off, vp + kv_off, kv_bf16, hd,
+                                          rc.data(), int64_t(rc.size()), scratch.data(), atp + n * Q + g * rep * hd);
             }
           });
         } else {
           if (groups.empty()) build_groups();
           attn = attend_groups(qkv.narrow(1, 0, Q).to(opt_.dtype).view({N, H, hd}), K, V);
         }
-        torch::Tensor o = proj(attn, L.wo, L.p_o, {}, true, true, wide);
+        torch::Tensor o = proj(attn, L.wo, L.p_o, {}, true, true, wide, res_buf, xws);
         const float* op = o.data_ptr<float>();
-        for (int64_t i = 0; i < N * D; ++i) xp[i] += op[i];
-        rms_rows(xp, hbp, N, D, L.ffn_norm_f32.data_ptr<float>(), hp_.rms_eps);
-        torch::Tensor gu = proj(hbuf, L.w_gate_up, L.p_gate_up, {}, true, true, wide);  // [N, 2F]
+        const float* fnw = L.ffn_norm_f32.data_ptr<float>();
+        par_rows(D, [&](int64_t r0, int64_t r1) {
+          cpu_gemv::residual_rms_rows(xp, op, hbp, D, fnw, hp_.rms_eps, r0, r1);
+        });
+        torch::Tensor gu = proj(hbuf, L.w_gate_up, L.p_gate_up, {}, true, true, wide, gu_buf, xws);  // [N, 2F]
         const float* gp = gu.data_ptr<float>();
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t i = 0; i < F; ++i) {
-            const float g = gp[n * 2 * F + i];
-            abp[n * F + i] = g / (1.0f + std::exp(-g)) * gp[n * 2 * F + F + i];
-          }
-        torch::Tensor dn = proj(abuf, L.w_down, L.p_down, {}, true, true, wide);
-        const float* dp = dn.data_ptr<float>();
-        for (int64_t i = 0; i < N * D; ++i) xp[i] += dp[i];
+        par_rows(F, [&](int64_t r0, int64_t r1) {
+          for (int64_t n = r0; n < r1; ++n) cpu_gemv::silu_mul(gp + n * 2 * F, gp + n * 2 * F + F, abp + n * F, F);
+        });
+        dn = proj(abuf, L.w_down, L.p_down, {}, true, true, wide, res_buf, xws);
       }
       if (wanted.empty())
         return torch::empty({0, hp_.n_vocab}, torch::TensorOptions().device(dev).dtype(torch::kFloat32));
       const int64_t nw = int64_t(wanted.size());
-      for (int64_t i = 0; i < nw; ++i)
-        rms_rows(xp + wanted[size_t(i)] * D, hbp + i * D, 1, D, out_norm_f32_.data_ptr<float>(), hp_.rms_eps);
-      return proj(hbuf.narrow(0, 0, nw), output_, p_output_, {}, true, true, wide);
+      const float* dnp = dn.data_ptr<float>();
+      for (int64_t i = 0; i < nw; ++i) {
+        const int64_t r = wanted[size_t(i)];
+        cpu_gemv::residual_rms_rows(xp + r * D, dnp + r * D, hbp + i * D, D, out_norm_f32_.data_ptr<float>(),
+                                    hp_.rms_eps, 0, 1);
+      }
+      return proj(hbuf.narrow(0, 0, nw), output_, p_output_, {}, true, true, wide, {}, xws);
     }
 
     build_groups();

@@ -66,7 +66,12 @@ struct llama_options {
   /// Rows of a step up to which the kernels run (measured, bench_llm
   /// --max-rows: they beat ATen up to 32-row steps, bf16 and fp32, on a
   /// 2-core AVX-512/AMX VM; ATen's oneDNN/AMX GEMMs win at 64 rows).
+  /// bf16 models with pre-packed AMX tiles use cpu_decode_amx_max_rows.
   int64_t cpu_decode_max_rows = 32;
+  /// The same for bf16 models on pre-packed AMX tiles (cpu_decode_amx_prepack
+  /// where AMX runs): they beat ATen's bf16 GEMMs at every step size measured
+  /// up to 256 rows (docs/models.md), the server's largest step.
+  int64_t cpu_decode_amx_max_rows = 256;
   /// A bf16 model's steps of at least this many rows (and at most
   /// cpu_decode_max_rows) feed the products bf16 activations and bf16-rounded
   /// weights (cpu_gemv::gemm_bf16, AMX where it runs: the operands of ATen's
@@ -74,6 +79,13 @@ struct llama_options {
   /// values (cpu_gemv::gemv, faster at 1-4 rows where dequantizing in
   /// registers is the cost). fp32 models always use the latter.
   int64_t cpu_decode_bf16_rows = 5;
+  /// bf16 models on a CPU with AMX: keep a copy of every bf16 weight packed
+  /// into AMX tiles (made once at load, 2 bytes per parameter: +270 MB for
+  /// SmolLM2-135M, +16 GB for an 8B model), so that steps of >=
+  /// cpu_decode_bf16_rows rows only load tiles and multiply. false: those
+  /// steps make the tiles from the blocks per call (cpu_gemv::gemm_bf16, no
+  /// extra memory, slower).
+  bool cpu_decode_amx_prepack = true;
 };
 
 class llama_model {
@@ -143,6 +155,10 @@ class llama_model {
     cpu_gemv::wformat f = cpu_gemv::wformat::none;
     int64_t out = 0, in = 0;
     torch::Tensor data;  ///< uint8 blocks, or the bf16 weight itself
+    /// bf16 models on AMX (cpu_decode_amx_prepack): the bf16 weight packed
+    /// for cpu_gemv::amx_gemm_packed (steps of >= cpu_decode_bf16_rows rows),
+    /// else undefined.
+    torch::Tensor amx;
   };
   struct layer {
     torch::Tensor attn_norm;  ///< [d_model]
@@ -165,9 +181,15 @@ class llama_model {
   torch::Tensor ffn(const layer& L, const torch::Tensor& x) const;
   /// x [N, in] @ W^T (+ bias): on the decode kernels when `fast` and `p` has
   /// a format, else ATen. Returns float32 if `f32_out`, else the model dtype.
-  /// With `wide` (and `fast`), on cpu_gemv::gemm_bf16: x rounded to bf16 once.
+  /// With `wide` (and `fast`), on cpu_gemv::gemm_bf16 (or amx_gemm_packed
+  /// where p.amx is set): x rounded to bf16 once. `out` (float32 [N, out],
+  /// contiguous) and `xws` (bf16, at least N rounded up to 16 times
+  /// amx_k(in) elements): buffers the kernel paths write into instead of
+  /// allocating (a step reuses them over the layers: fresh multi-MB buffers
+  /// cost page faults per call).
   torch::Tensor proj(const torch::Tensor& x, const torch::Tensor& w, const packed& p, const torch::Tensor& bias,
-                     bool fast, bool f32_out, bool wide = false) const;
+                     bool fast, bool f32_out, bool wide = false, const torch::Tensor& out = {},
+                     const torch::Tensor& xws = {}) const;
   /// Builds the kernels' view of the weights from the checkpoint (blocks) or
   /// the bf16 weights; leaves every format none when the kernels cannot run.
   void pack_for_cpu_decode(const llm_checkpoint& ck);
@@ -182,6 +204,10 @@ class llama_model {
   packed p_output_;            ///< output_ for the decode kernels
   torch::Tensor out_norm_f32_;  ///< out_norm_ in float32 for the decode path
   bool cpu_decode_ready_ = false;
+  bool amx_packed_ = false;  ///< some matrices have pre-packed AMX tiles
+  /// Largest step on the kernels: cpu_decode_amx_max_rows where the
+  /// pre-packed AMX tiles run, else cpu_decode_max_rows.
+  int64_t cpu_decode_rows() const;
   mutable std::atomic<int64_t> kernel_calls_{0};
 };
 
