@@ -1,5 +1,6 @@
 // Small AVX-512 building blocks shared by the CPU decode kernels
-// (cpu_gemv.cpp, cpu_attention.cpp): inline functions compiled for AVX-512
+// (cpu_gemv.cpp, cpu_attention.cpp) and the streaming Whisper attention
+// (whisper_encoder.cpp): inline functions compiled for AVX-512
 // through target attributes; call them only from such functions, after
 // cpu_has_avx512().
 #pragma once

@@ -23,6 +23,7 @@
 
 #include "models/ct2_model.hpp"
 #include "models/nn/cpu_features.hpp"
+#include "models/nn/cpu_simd.hpp"
 #include "models/safetensors.hpp"
 
 namespace undertone::models {
@@ -124,24 +125,11 @@ UT_AVX512 inline __mmask16 tail_mask(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1u);
 }
 
-// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial,
-// about 1 ulp); exactly 0 below -87.3 (and for -inf, the masked slots).
+// exp(x) for x <= 0 (simd::exp16: Cephes expf, about 1 ulp), exactly 0 below
+// -87.3 (and for -inf, the masked slots).
 UT_AVX512 inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
-  x = _mm512_max_ps(x, lo);
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(y, n));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+  return _mm512_maskz_mov_ps(keep, simd::exp16(x));
 }
 
 // Scores of R query rows (qf, fp32, row stride hd) against one tile of up to 16
