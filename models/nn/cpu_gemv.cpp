@@ -200,6 +200,24 @@ UT_AVX512 inline __m512 mul_add(__m512 a, __m512 b, __m512 c) {
   return _mm512_add_round_ps(_mm512_mul_round_ps(a, b, rn), c, rn);
 }
 
+// One q4_1 / q8_0 block (32 weights at b) as bf16: d * q + m / d * q in fp32
+// with a separate multiply and add, rounded to nearest even (see below).
+UT_AVX512_BF16 inline __m512bh q4_1_block_bf16(const uint8_t* b) {
+  const __m512 d = bcast_f16(b), m = bcast_f16(b + 2);
+  const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
+  const __m512 lo = mul_add(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0xF))), d, m);
+  const __m512 hi = mul_add(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
+  return _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-15 = lo (elements 0-15), 16-31 = hi
+}
+UT_AVX512_BF16 inline __m512bh q8_0_block_bf16(const uint8_t* b) {
+  const __m512 d = bcast_f16(b);
+  const __m512 lo = _mm512_mul_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)))), d);
+  const __m512 hi = _mm512_mul_ps(
+      _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)))), d);
+  return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
 // ---- bf16 activations (AVX512-BF16) for steps of many rows: each weight is
 // made bf16 ONCE per pass over W (q4_1: d * q + m, q8_0: d * q, both in fp32
 // with a separate multiply and add as models/gguf.cpp's dequantize_row, then
@@ -214,18 +232,13 @@ template <int R>
 UT_AVX512_BF16 void q4_1_bf16(const uint8_t* w, int64_t in, const uint16_t* x, float* y, int64_t ldy, int64_t o0,
                               int64_t o1) {
   const int64_t nb = in / kBlock, rb = nb * 20;
-  const __m512i low4 = _mm512_set1_epi32(0xF);
   for (int64_t o = o0; o < o1; ++o) {
     __m512 acc[R];
     #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* b = w + o * rb;
     for (int64_t j = 0; j < nb; ++j, b += 20) {
-      const __m512 d = bcast_f16(b), m = bcast_f16(b + 2);
-      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
-      const __m512 lo = mul_add(_mm512_cvtepi32_ps(_mm512_and_si512(q, low4)), d, m);
-      const __m512 hi = mul_add(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
-      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);  // lanes 0-15 = lo (elements 0-15), 16-31 = hi
+      const __m512bh wv = q4_1_block_bf16(b);
       const uint16_t* xj = x + j * kBlock;
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(xj + r * in));
@@ -245,12 +258,7 @@ UT_AVX512_BF16 void q8_0_bf16(const uint8_t* w, int64_t in, const uint16_t* x, f
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     const uint8_t* b = w + o * rb;
     for (int64_t j = 0; j < nb; ++j, b += 34) {
-      const __m512 d = bcast_f16(b);
-      const __m512 lo = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)))), d);
-      const __m512 hi = _mm512_mul_ps(
-          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)))), d);
-      const __m512bh wv = _mm512_cvtne2ps_pbh(hi, lo);
+      const __m512bh wv = q8_0_block_bf16(b);
       const uint16_t* xj = x + j * kBlock;
       #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], wv, (__m512bh)_mm512_loadu_si512(xj + r * in));
@@ -352,20 +360,9 @@ UT_AVX512_BF16 inline void block_bf16(const uint8_t* w, int64_t in, int64_t o, i
     const __mmask32 m = n >= 32 ? ~__mmask32(0) : __mmask32((uint64_t(1) << n) - 1);
     _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(w) + o * in + j * 32));
   } else if constexpr (F == wformat::q4_1) {
-    const uint8_t* b = w + (o * (in / kBlock) + j) * 20;
-    const __m512 d = bcast_f16(b), m = bcast_f16(b + 2);
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 4)));
-    const __m512 lo = mul_add(_mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32(0xF))), d, m);
-    const __m512 hi = mul_add(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), d, m);
-    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_storeu_si512(dst, (__m512i)q4_1_block_bf16(w + (o * (in / kBlock) + j) * 20));
   } else {
-    const uint8_t* b = w + (o * (in / kBlock) + j) * 34;
-    const __m512 d = bcast_f16(b);
-    const __m512 lo = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)))), d);
-    const __m512 hi = _mm512_mul_ps(
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 18)))), d);
-    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    _mm512_storeu_si512(dst, (__m512i)q8_0_block_bf16(w + (o * (in / kBlock) + j) * 34));
   }
 }
 
